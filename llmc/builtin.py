@@ -1,0 +1,44 @@
+"""Built-in resources addressed as ``builtin:...`` paths, made locally on first use.
+
+* ``builtin:tiny/<family>``: a tiny model of a supported family (``llmc.testing.tiny_models``).
+* ``builtin:mme_synth/<split>``: the synthetic MME-format benchmark (``llmc.data.mme_synth``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PREFIX = "builtin:"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LLMC_CACHE", Path.home() / ".cache" / "llmc"))
+
+
+def is_builtin(path: str | None) -> bool:
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def resolve_builtin(path: str) -> str:
+    """Materialize a ``builtin:`` resource in the cache and return its folder."""
+    kind, _, name = path[len(PREFIX):].partition("/")
+    if kind == "tiny":
+        from llmc.testing.tiny_models import FAMILIES, ensure_tiny_model
+
+        if name not in FAMILIES:
+            raise ValueError(f"{path}: unknown tiny model {name!r}; valid: {list(FAMILIES)}")
+        return str(ensure_tiny_model(name, cache_root() / "tiny"))
+    if kind == "mme_synth":
+        from llmc.data.mme_synth import SPLITS, generate
+
+        if name not in SPLITS:
+            raise ValueError(f"{path}: unknown split {name!r}; valid: {list(SPLITS)}")
+        out = cache_root() / "mme_synth" / name
+        if not out.exists():
+            try:
+                generate(out, name, n_images=64, seed=0)
+            except FileExistsError:
+                pass
+        return str(out)
+    raise ValueError(f"{path}: unknown built-in {kind!r}; valid: ['builtin:tiny/<family>', "
+                     f"'builtin:mme_synth/<split>']")

@@ -1,0 +1,41 @@
+"""Command line: ``python -m llmc CONFIG [--overwrite]`` (also ``tpu/llm_quant.py --config_path``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loguru import logger
+
+from llmc.strict import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmc", description="Post-training quantization of (vision-)language models.")
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("--config_path", "--config-path", dest="config_path", help="YAML config file (same as CONFIG)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing save.save_path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one job; 0 on success, 2 on a bad config or path, 1 on any other failure."""
+    args = build_parser().parse_args(argv)
+    path = args.config_path or args.config
+    if not path:
+        build_parser().print_usage(sys.stderr)
+        print("llmc: error: give a config file", file=sys.stderr)
+        return 2
+    logger.remove()
+    logger.add(sys.stderr, level="INFO")
+    try:
+        from llmc.config import load_config
+        from llmc.runner import run_job
+
+        run_job(load_config(path), overwrite=args.overwrite)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"llmc: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - any failure must give a non-zero exit code
+        print(f"llmc: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0

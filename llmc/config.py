@@ -1,0 +1,232 @@
+"""The job configuration: YAML -> typed, validated dataclasses.
+
+Sections: ``base``, ``model``, ``calib``, ``eval``, ``quant``, ``save``, ``run``.
+Every unknown key is an error with a "did you mean" hint; relative paths are
+resolved against the config file's folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmc.builtin import is_builtin, resolve_builtin
+from llmc.quant.primitives import QuantSpec
+from llmc.strict import ConfigError, from_dict, suggest
+
+__all__ = ["ConfigError", "LLMCConfig", "load_config", "parse_config"]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class BaseConfig:
+    seed: int = 42
+
+
+@dataclass
+class ModelConfig:
+    type: str
+    path: str
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype: {self.dtype!r} is not valid{suggest(self.dtype, DTYPES)}; "
+                              f"valid: {list(DTYPES)}")
+
+
+@dataclass
+class CalibConfig:
+    name: str = "custom_mm"
+    path: str | None = None
+    n_samples: int = 128
+    bs: int = 1
+    seq_len: int = 512
+    padding: bool = True
+    apply_chat_template: bool = True
+    shuffle: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bs != -1 and self.bs < 1:
+            raise ConfigError(f"calib.bs: {self.bs} is not valid; use -1 (all in one batch) or >= 1")
+        if self.seq_len < 1:
+            raise ConfigError(f"calib.seq_len: {self.seq_len} must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    eval_pos: list[str] = field(default_factory=list)
+    name: str | list[str] = "mme_synth"
+    path: str | None = None
+    bs: int = 1
+    max_new_tokens: int = 8
+    limit: int | None = None
+    fidelity_samples: int = 16
+
+
+@dataclass
+class WeightConfig:
+    bit: int = 4
+    symmetric: bool = False
+    granularity: Literal["per_channel", "per_group"] = "per_group"
+    group_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bit not in (2, 3, 4, 8):
+            raise ConfigError(f"bit: {self.bit!r} is not supported; valid: [2, 3, 4, 8]")
+        if self.granularity == "per_group" and self.group_size <= 0:
+            raise ConfigError(f"group_size: {self.group_size} must be > 0 for per_group granularity")
+
+    def to_spec(self) -> QuantSpec:
+        return QuantSpec(self.bit, self.symmetric, self.granularity, self.group_size)
+
+
+@dataclass
+class ActConfig:
+    """Activation fake quantization (W8A8 paths): symmetric, dynamic, per token."""
+
+    bit: int = 8
+    granularity: Literal["per_token"] = "per_token"
+    symmetric: Literal[True] = True
+    dynamic: Literal[True] = True
+
+
+@dataclass
+class OverrideConfig:
+    """Per-layer-pattern setting: fnmatch ``pattern`` on full module names."""
+
+    pattern: str
+    weight: dict[str, Any] | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.weight is not None:
+            from_dict(WeightConfig, self.weight, f"quant.overrides[{self.pattern!r}].weight")
+        if self.weight is None and not self.skip:
+            raise ConfigError(f"quant.overrides[{self.pattern!r}]: give `weight:` settings or `skip: true`")
+
+
+@dataclass
+class PartConfig:
+    """Settings of one part (``vision`` or ``language``) that replace ``quant.weight``."""
+
+    weight: WeightConfig | None = None
+
+
+@dataclass
+class QuantConfig:
+    method: str | list[str] = "RTN"
+    quant_objects: list[str] = field(default_factory=lambda: ["language"])
+    weight: WeightConfig = field(default_factory=WeightConfig)
+    act: ActConfig | None = None
+    special: dict[str, Any] = field(default_factory=dict)
+    skip_layers: list[str] = field(default_factory=list)
+    overrides: list[OverrideConfig] = field(default_factory=list)
+    token_weight: dict[str, float] | None = None
+    vision: PartConfig | None = None
+    language: PartConfig | None = None
+
+    def __post_init__(self) -> None:
+        parts = ("vision", "language")
+        if not self.quant_objects:
+            raise ConfigError("quant.quant_objects: empty; valid entries: ['vision', 'language']")
+        for obj in self.quant_objects:
+            if obj not in parts:
+                raise ConfigError(f"quant.quant_objects: {obj!r} is not valid{suggest(obj, parts)}; "
+                                  f"valid: {list(parts)}")
+        if self.token_weight is not None:
+            for k, v in self.token_weight.items():
+                if k not in ("image", "text"):
+                    raise ConfigError(f"quant.token_weight: unknown key {k!r}{suggest(k, ['image', 'text'])};"
+                                      " valid keys: ['image', 'text']")
+                if not isinstance(v, (int, float)) or v < 0:
+                    raise ConfigError(f"quant.token_weight.{k}: {v!r} must be a number >= 0")
+
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    def part_weight(self, part: str) -> WeightConfig:
+        sub = getattr(self, part)
+        return sub.weight if sub is not None and sub.weight is not None else self.weight
+
+
+@dataclass
+class SaveConfig:
+    save_path: str
+    save_trans: bool = False
+    save_fake: bool = False
+
+
+@dataclass
+class RunConfig:
+    device: str = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+
+
+@dataclass
+class LLMCConfig:
+    model: ModelConfig
+    save: SaveConfig
+    base: BaseConfig = field(default_factory=BaseConfig)
+    calib: CalibConfig | None = None
+    eval: EvalConfig | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    source: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+def _resolve(path: str | None, root: Path) -> str | None:
+    if path is None:
+        return None
+    if is_builtin(path):
+        return resolve_builtin(path)
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def parse_config(data: Any, root: Path | None = None, source: Path | None = None) -> LLMCConfig:
+    """Validate a config mapping; relative paths are resolved against ``root``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
+    data = dict(data)
+    if "source" in data:
+        raise ConfigError("config: 'source' is reserved")
+    cfg = from_dict(LLMCConfig, data, "config")
+    root = root or Path.cwd()
+    cfg.model.path = _resolve(cfg.model.path, root)
+    cfg.save.save_path = _resolve(cfg.save.save_path, root)
+    if cfg.calib is not None:
+        cfg.calib.path = _resolve(cfg.calib.path, root)
+    if cfg.eval is not None:
+        cfg.eval.path = _resolve(cfg.eval.path, root)
+    cfg.source = source
+    if not Path(cfg.model.path).exists():
+        raise ConfigError(f"model.path: {cfg.model.path} does not exist")
+    if cfg.calib is not None and cfg.calib.path is not None and not Path(cfg.calib.path).exists():
+        raise ConfigError(f"calib.path: {cfg.calib.path} does not exist")
+    return cfg
+
+
+def load_config(path: str | Path) -> LLMCConfig:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    return parse_config(data, root=path.resolve().parent, source=path.resolve())

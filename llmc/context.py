@@ -1,0 +1,153 @@
+"""What an algorithm sees of one block: the block, its layout, its cached calls, helpers."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from llmc.models.layout import BlockLayout
+from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.primitives import QuantSpec
+
+SpecResolver = Callable[[str, str], "QuantSpec | None"]
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors inside nested tuples/lists/dicts; leave everything else alone."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def primary(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-state input of a module call (first positional, else ``hidden_states``)."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    raise ValueError(f"cannot find the hidden-state input among args={len(args)} kwargs={sorted(kwargs)}")
+
+
+def with_primary(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    """The same call with its hidden-state input replaced by ``x``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """Modules return a tensor or a tuple whose first item is the hidden state."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@dataclass
+class CachedCall:
+    """One recorded call of a block: its inputs and the per-token weight of its hidden state.
+
+    ``weight`` has the hidden state's leading shape (``[B, T]``), 0 on padding;
+    None means every row counts with weight 1 (vision blocks).
+    """
+
+    args: tuple
+    kwargs: dict
+    weight: torch.Tensor | None = None
+
+    def with_hidden(self, x: torch.Tensor) -> "CachedCall":
+        args, kwargs = with_primary(self.args, self.kwargs, x)
+        return replace(self, args=args, kwargs=kwargs)
+
+
+def flatten_rows(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``[..., C] -> [N, C]`` rows with non-zero weight, and their weights ``[N]``."""
+    rows = x.reshape(-1, x.shape[-1])
+    if weight is None:
+        return rows, None
+    w = weight.reshape(-1).to(rows.device)
+    if w.numel() != rows.shape[0]:
+        raise ValueError(f"token weight of {w.numel()} rows does not match an input of {rows.shape[0]} rows")
+    keep = w > 0
+    return rows[keep], w[keep].float()
+
+
+@dataclass
+class BlockContext:
+    """One block of one part, ready for an algorithm."""
+
+    part: str
+    index: int
+    prefix: str
+    block: nn.Module
+    layout: BlockLayout
+    calls: list[CachedCall]
+    device: torch.device
+    resolver: SpecResolver
+    act_bits: int | None = None
+
+    def get(self, name: str) -> nn.Module:
+        return self.block.get_submodule(name)
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def spec(self, name: str) -> QuantSpec | None:
+        """Quant spec of the block's linear ``name``; None when it is skipped."""
+        return self.resolver(self.full_name(name), self.part)
+
+    @torch.no_grad()
+    def run(self) -> list[torch.Tensor]:
+        """Block outputs for every cached call."""
+        return [first_tensor(self.block(*c.args, **c.kwargs)) for c in self.calls]
+
+    @contextmanager
+    def recording(self, names: Sequence[str]) -> Iterator[dict[str, list[tuple[tuple, dict]]]]:
+        """Record the calls (args, kwargs) made to submodules ``names`` while inside."""
+        record: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in names}
+        hooks = []
+        for n in names:
+            def hook(mod, args, kwargs, _n=n):
+                record[_n].append((args, kwargs))
+            hooks.append(self.get(n).register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield record
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def record_calls(self, names: Sequence[str]) -> dict[str, list[tuple[tuple, dict]]]:
+        """Run the block once over all calls and return each submodule's calls, one per block call."""
+        with self.recording(names) as rec:
+            self.run()
+        for n, calls in rec.items():
+            if len(calls) != len(self.calls):
+                raise RuntimeError(f"{self.full_name(n)} was called {len(calls)} times for "
+                                   f"{len(self.calls)} block calls")
+        return rec
+
+    def inputs(self, names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+        """The hidden-state input of each submodule, per block call."""
+        return {n: [primary(a, k) for a, k in calls] for n, calls in self.record_calls(names).items()}
+
+    def weight_of(self, i: int) -> torch.Tensor | None:
+        return self.calls[i].weight
+
+    def quantize(self, name: str, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                 g_idx: torch.Tensor | None = None) -> FakeQuantLinear | None:
+        """Replace linear ``name`` by its fake-quant version (min/max RTN unless params are given)."""
+        spec = self.spec(name)
+        lin = self.get(name)
+        if spec is None or isinstance(lin, FakeQuantLinear):
+            return None
+        fq = FakeQuantLinear.from_linear(lin, spec, scale, zero, g_idx, act_bits=self.act_bits)
+        parent_name, _, child = name.rpartition(".")
+        parent = self.get(parent_name) if parent_name else self.block
+        setattr(parent, child, fq)
+        return fq

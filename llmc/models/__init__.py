@@ -1,0 +1,17 @@
+"""Model adapters: one per family, selected by ``model.type``."""
+from __future__ import annotations
+
+from llmc.models import causal_lm, llava, qwen_vl  # noqa: F401  (registration)
+from llmc.models.base import ModelAdapter
+from llmc.models.layout import BlockLayout, LayerGroup, ModelParts, Producer, RotationTargets
+from llmc.models.registry import adapter_class, register_adapter, valid_types
+
+__all__ = ["BlockLayout", "LayerGroup", "ModelAdapter", "ModelParts", "Producer", "RotationTargets",
+           "adapter_class", "load_adapter", "register_adapter", "valid_types"]
+
+
+def load_adapter(model_type: str, path: str, dtype: str = "auto", attn_implementation: str = "sdpa",
+                 trust_remote_code: bool = False) -> ModelAdapter:
+    """Instantiate the adapter of ``model_type`` on the checkpoint at ``path``."""
+    return adapter_class(model_type)(path, dtype=dtype, attn_implementation=attn_implementation,
+                                     trust_remote_code=trust_remote_code)

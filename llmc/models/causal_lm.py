@@ -1,0 +1,33 @@
+"""Text-only decoders (Llama, Qwen2): the language half of most VLMs, on its own."""
+from __future__ import annotations
+
+from torch import nn
+
+from llmc.models.base import ModelAdapter
+from llmc.models.common import decoder_layout
+from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.registry import register_adapter
+
+CAUSAL_LM_PARTS = ModelParts(language_blocks="model.layers", embed_tokens="model.embed_tokens",
+                             final_norm="model.norm", lm_head="lm_head")
+
+
+@register_adapter
+class LlamaAdapter(ModelAdapter):
+    model_type = "llama"
+    aliases = ("Llama",)
+    parts = CAUSAL_LM_PARTS
+    is_vlm = False
+
+    def language_layout(self, block: nn.Module) -> BlockLayout:
+        return decoder_layout(block)
+
+    def rotation_targets(self) -> RotationTargets:
+        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=(),
+                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
+
+
+@register_adapter
+class Qwen2Adapter(LlamaAdapter):
+    model_type = "qwen2"
+    aliases = ("Qwen2",)

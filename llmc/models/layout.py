@@ -1,0 +1,106 @@
+"""Typed model knowledge: what an algorithm needs to know about a block or a model.
+
+Adapters produce these; algorithms consume them. Module names are relative to
+the block (``LayerGroup``) or to the whole model (``ModelParts``,
+``RotationTargets``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+ProducerKind = Literal["norm", "linear"]
+Part = Literal["vision", "language"]
+PARTS: tuple[str, ...] = ("vision", "language")
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The op whose output is the input of a layer group, where scales can be folded.
+
+    ``rows`` = ``(start, stop)`` selects the producer's output rows (and bias
+    entries) that feed the group, for fused producers: the v-part of a fused
+    ``qkv`` in ``[3, heads, head_dim]`` layout is ``(2 * dim, 3 * dim)``.
+    ``weight_offset`` is 1.0 for norms that scale by ``(1 + weight)`` (Gemma).
+    """
+
+    name: str
+    kind: ProducerKind
+    rows: tuple[int, int] | None = None
+    weight_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Linears that read the same input.
+
+    ``producer``: where AWQ/SmoothQuant fold ``1/s`` (None: nothing can absorb a
+    scale, e.g. after a non-linearity; the group is still quantized).
+    ``inspect``: the module whose output a search compares (the attention, the
+    MLP, or the linears themselves). ``input_of``: the linear whose input is
+    cached as the group's input (the first of ``linears``). ``kwargs_from_block``:
+    ``inspect`` needs the block's call kwargs (attention masks, rotary
+    embeddings) to run.
+    """
+
+    name: str
+    linears: tuple[str, ...]
+    inspect: str
+    producer: Producer | None = None
+    kwargs_from_block: bool = False
+
+    @property
+    def input_of(self) -> str:
+        return self.linears[0]
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """One transformer block: its layer groups, in execution order.
+
+    ``residual_writers``: linears that write into the residual stream (attention
+    output and MLP down projection), rotated on their output side.
+    ``norms``: the norms that feed residual readers (folded into them by rotation).
+    ``head_dim``/``num_heads``/``num_kv_heads``: for head-wise transforms.
+    """
+
+    groups: tuple[LayerGroup, ...]
+    residual_writers: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ()
+    head_dim: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for g in self.groups for name in g.linears)
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Where the parts of a (vision-)language model live, as module paths."""
+
+    language_blocks: str
+    embed_tokens: str
+    final_norm: str
+    lm_head: str
+    vision_tower: str | None = None
+    vision_blocks: str | None = None
+    projector: str | None = None
+
+
+@dataclass(frozen=True)
+class RotationTargets:
+    """Everything rotation touches outside the blocks of the language model.
+
+    ``embeddings``: embedding tables whose rows land in the residual stream.
+    ``external_writers``: linears outside the language blocks whose outputs land
+    in the residual stream (the projector's last linear; deepstack mergers) and
+    are rotated on their output side. ``final_norm`` is folded into ``lm_head``.
+    """
+
+    embeddings: tuple[str, ...]
+    external_writers: tuple[str, ...]
+    final_norm: str
+    lm_head: str
+    norm_weight_offset: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)

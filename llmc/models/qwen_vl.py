@@ -1,0 +1,48 @@
+"""Qwen2-VL and Qwen2.5-VL: ViT with fused ``qkv`` ([3, heads, head_dim]), patch merger, Qwen2 text."""
+from __future__ import annotations
+
+from torch import nn
+
+from llmc.models.base import ModelAdapter
+from llmc.models.common import decoder_layout, fused_qkv_layout
+from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.registry import register_adapter
+
+QWEN_VL_PARTS = ModelParts(
+    language_blocks="model.language_model.layers",
+    embed_tokens="model.language_model.embed_tokens",
+    final_norm="model.language_model.norm",
+    lm_head="lm_head",
+    vision_tower="model.visual",
+    vision_blocks="model.visual.blocks",
+    projector="model.visual.merger",
+)
+
+
+@register_adapter
+class Qwen2VLAdapter(ModelAdapter):
+    model_type = "qwen2_vl"
+    aliases = ("Qwen2VL",)
+    parts = QWEN_VL_PARTS
+    vision_mlp: tuple[str, ...] = ("fc1", "fc2")
+    vision_gated = False
+
+    def language_layout(self, block: nn.Module) -> BlockLayout:
+        return decoder_layout(block)
+
+    def vision_layout(self, block: nn.Module) -> BlockLayout:
+        return fused_qkv_layout(block, dim=block.attn.qkv.in_features, num_heads=block.attn.num_heads,
+                                mlp_names=self.vision_mlp, gated=self.vision_gated)
+
+    def rotation_targets(self) -> RotationTargets:
+        return RotationTargets(embeddings=(self.parts.embed_tokens,),
+                               external_writers=("model.visual.merger.mlp.2",),
+                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
+
+
+@register_adapter
+class Qwen25VLAdapter(Qwen2VLAdapter):
+    model_type = "qwen2_5_vl"
+    aliases = ("Qwen2_5VL", "Qwen2.5-VL")
+    vision_mlp = ("gate_proj", "up_proj", "down_proj")
+    vision_gated = True

@@ -1,0 +1,92 @@
+"""Fake-quant linear: a float ``nn.Linear`` that computes with its quantized weight.
+
+It is a subclass of ``nn.Linear`` so that model code and ``save_pretrained``
+see the same ``weight``/``bias`` parameters; the quantization parameters are
+non-persistent buffers (exporters read them, checkpoints do not carry them).
+``weight`` holds the transformed float weight (after AWQ scaling, rotation, or
+GPTQ's error compensation); ``enabled=False`` evaluates the transformed model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize, quantize, quantize_per_token
+
+
+class FakeQuantLinear(nn.Linear):
+    """``y = x @ fq(W)^T + b`` with ``fq`` the quantize-dequantize of ``spec``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec,
+                 act_bits: int | None = None, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.spec = spec
+        self.act_bits = act_bits
+        self.enabled = True
+        self.register_buffer("scale", None, persistent=False)
+        self.register_buffer("zero", None, persistent=False)
+        self.register_buffer("g_idx", None, persistent=False)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        spec: QuantSpec,
+        scale: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+        g_idx: torch.Tensor | None = None,
+        act_bits: int | None = None,
+    ) -> "FakeQuantLinear":
+        """Wrap ``linear`` (sharing its parameters). Missing ``scale``/``zero`` are min/max RTN."""
+        w = linear.weight
+        fq = cls.__new__(cls)
+        nn.Module.__init__(fq)
+        fq.in_features, fq.out_features = linear.in_features, linear.out_features
+        fq.weight, fq.bias = linear.weight, linear.bias
+        fq.spec, fq.act_bits, fq.enabled = spec, act_bits, True
+        if scale is None or zero is None:
+            scale, zero = compute_qparams(w.detach(), spec)
+        fq.register_buffer("scale", scale.to(w.device, torch.float32), persistent=False)
+        fq.register_buffer("zero", zero.to(w.device, torch.float32), persistent=False)
+        fq.register_buffer("g_idx", None if g_idx is None else g_idx.to(w.device), persistent=False)
+        return fq
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized (dequantized) weight, in the weight's dtype."""
+        return fake_quantize(self.weight, self.scale, self.zero, self.spec, self.g_idx)
+
+    def int_weight(self) -> torch.Tensor:
+        """Integer weight ``[out, in]`` (int32) for exporters."""
+        return quantize(self.weight.detach(), self.scale, self.zero, self.spec, self.g_idx)
+
+    def to_linear(self, fake: bool = True) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the fake-quantized (or the float) weight."""
+        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.quantized_weight() if fake else self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.act_bits is not None:
+            x = quantize_per_token(x, self.act_bits)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        act = f", a{self.act_bits}" if self.act_bits else ""
+        return f"{super().extra_repr()}, {self.spec.describe()}{act}, enabled={self.enabled}"
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> int:
+    """Switch every ``FakeQuantLinear`` in ``model`` on or off; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, FakeQuantLinear):
+            m.enabled = enabled
+            n += 1
+    return n

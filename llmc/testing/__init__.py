@@ -1,0 +1,1 @@
+"""Test helpers: tiny, offline-built real checkpoints (see ``llmc.testing.tiny_models``)."""
