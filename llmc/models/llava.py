@@ -1,6 +1,8 @@
 """LLaVA (HF ``LlavaForConditionalGeneration``): CLIP or SigLIP vision, 2-layer MLP projector, any decoder."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from llmc.models.base import ModelAdapter
@@ -19,9 +21,20 @@ class LlavaAdapter(ModelAdapter):
         final_norm="model.language_model.norm",
         lm_head="lm_head",
         vision_tower="model.vision_tower",
-        vision_blocks="model.vision_tower.vision_model.encoder.layers",
+        vision_blocks="model.vision_tower.encoder.layers",
         projector="model.multi_modal_projector",
     )
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # transformers 5 flattens CLIP/SigLIP towers; older or remote towers keep `vision_model`.
+        for candidate in ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"):
+            try:
+                self.model.get_submodule(candidate)
+            except AttributeError:
+                continue
+            self.parts = replace(self.parts, vision_blocks=candidate)
+            break
 
     def language_layout(self, block: nn.Module) -> BlockLayout:
         return decoder_layout(block)

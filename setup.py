@@ -1,0 +1,19 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llmc",
+    version="0.1.0",
+    description="Post-training quantization of vision-language models: RTN, AWQ, GPTQ, rotation, SmoothQuant.",
+    packages=find_packages(include=["llmc", "llmc.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4", "torchvision", "transformers>=5.0,<6", "accelerate", "safetensors", "tokenizers",
+        "loguru", "pyyaml", "tqdm", "pillow", "numpy",
+    ],
+    extras_require={
+        "eval": ["lmms-eval==0.7.3", "matplotlib"],
+        "export": ["compressed-tensors==0.20.0"],
+        "dev": ["pytest"],
+    },
+    entry_points={"console_scripts": ["llmc=llmc.cli:main"]},
+)
