@@ -1,0 +1,106 @@
+"""The job end to end: CLI on a tiny Qwen2-VL, saved folders reload and match the in-memory model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForImageTextToText
+
+from llmc.calib import load_samples
+from llmc.config import parse_config
+from llmc.models import load_adapter
+from llmc.quant.fake_linear import FakeQuantLinear, set_fake_quant
+from llmc.runner import quantize_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rtn_config(model: Path, calib: Path, save: Path, **quant) -> dict:
+    return {
+        "model": {"type": "qwen2_vl", "path": str(model), "dtype": "float32"},
+        "calib": {"name": "custom_mm", "path": str(calib), "n_samples": 4, "bs": 2, "seq_len": 256},
+        "quant": {"method": "RTN", "quant_objects": ["vision", "language"],
+                  "weight": {"bit": 4, "group_size": 32}, **quant},
+        "save": {"save_path": str(save), "save_fake": True, "save_trans": True},
+    }
+
+
+def logits_of(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_cli_job_saves_reloadable_folders(tmp_path, tiny_model, calib_dir):
+    model_dir = tiny_model("qwen2_vl")
+    before = {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()}
+    cfg = tmp_path / "job.yml"
+    cfg.write_text(yaml.safe_dump(rtn_config(model_dir, calib_dir, Path("out"))))  # relative to the config
+    run = subprocess.run([sys.executable, str(ROOT / "tpu" / "llm_quant.py"), "--config_path", str(cfg)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    for name in ("llmc.log", "config.yml", "quant_layers.json", "fake/config.json", "trans/model.safetensors",
+                 "fake/processor_config.json", "fake/chat_template.jinja"):
+        assert (out / name).exists(), name
+    assert "quantized 22 linear layers" in (out / "llmc.log").read_text()
+    # the model's folder is never written to
+    assert {p: p.read_bytes() for p in model_dir.rglob("*") if p.is_file()} == before
+    # an existing save_path is refused, and left alone
+    again = subprocess.run([sys.executable, "-m", "llmc", str(cfg)], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_fake_folder_logits_equal_in_memory_fake_quant(tmp_path, tiny_model, calib_dir):
+    cfg = parse_config(rtn_config(tiny_model("qwen2_vl"), calib_dir, tmp_path / "run"))
+    adapter = load_adapter("qwen2_vl", cfg.model.path, dtype="float32")
+    batch = adapter.batch_process(load_samples("custom_mm", calib_dir, 2), max_length=256)
+    float_logits = logits_of(adapter.model, batch)
+    layers = quantize_model(cfg, adapter, torch.device("cpu"))
+    assert len(layers) == 22 and all(v == "w4ag32" for v in layers.values())
+    fq_logits = logits_of(adapter.model, batch)
+    assert not torch.allclose(fq_logits, float_logits, atol=1e-4)  # quantization did something
+
+    from llmc.export.hf import save_hf_folder
+    save_hf_folder(adapter, tmp_path / "fake", fake=True)
+    save_hf_folder(adapter, tmp_path / "trans", fake=False)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "fake", dtype=torch.float32)
+    assert not any(isinstance(m, FakeQuantLinear) for m in reloaded.modules())
+    torch.testing.assert_close(logits_of(reloaded, batch), fq_logits, atol=1e-5, rtol=1e-5)
+    # the transformed (RTN: untouched) float weights equal the float model
+    trans = AutoModelForImageTextToText.from_pretrained(tmp_path / "trans", dtype=torch.float32)
+    torch.testing.assert_close(logits_of(trans, batch), float_logits, atol=1e-5, rtol=1e-5)
+    set_fake_quant(adapter.model, False)
+    torch.testing.assert_close(logits_of(adapter.model, batch), float_logits, atol=1e-5, rtol=1e-5)
+    out = reloaded.generate(**adapter.batch_process(load_samples("custom_mm", calib_dir, 1), with_answer=False),
+                            max_new_tokens=2, do_sample=False)
+    assert out.shape[0] == 1
+
+
+def test_quantized_weights_are_on_the_grid(tmp_path, tiny_model, calib_dir):
+    cfg = parse_config(rtn_config(tiny_model("qwen2_vl"), calib_dir, tmp_path / "run"))
+    adapter = load_adapter("qwen2_vl", cfg.model.path, dtype="float32")
+    quantize_model(cfg, adapter, torch.device("cpu"))
+    n = 0
+    for m in adapter.model.modules():
+        if isinstance(m, FakeQuantLinear):
+            groups = m.quantized_weight().reshape(m.out_features, -1, 32)
+            assert max(g.unique().numel() for row in groups for g in row) <= 16
+            n += 1
+    assert n == 22
+
+
+@pytest.mark.parametrize("family,mtype", [("llava_clip_llama", "llava"), ("qwen2", "qwen2")])
+def test_other_families_run(tmp_path, tiny_model, calib_dir, family, mtype):
+    cfg = rtn_config(tiny_model(family), calib_dir, tmp_path / "run")
+    cfg["model"]["type"] = mtype
+    if mtype == "qwen2":
+        cfg["quant"]["quant_objects"] = ["language"]
+        cfg["calib"] = None
+    adapter = load_adapter(mtype, cfg["model"]["path"], dtype="float32")
+    layers = quantize_model(parse_config(cfg), adapter, torch.device("cpu"))
+    # 2 language blocks x 7 linears, plus 2 CLIP layers x 6 linears for LLaVA
+    assert len(layers) == {"llava": 26, "qwen2": 14}[mtype]
