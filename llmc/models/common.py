@@ -11,6 +11,20 @@ def _out_in(block: nn.Module, name: str) -> tuple[int, int]:
     return lin.out_features, lin.in_features
 
 
+def _mlp(mlp: str, names: tuple[str, ...], gated: bool) -> tuple[tuple[str, ...], str, Producer | None]:
+    """(input linears, down linear, producer of the down linear's input) of an MLP.
+
+    Gated (``down(act(gate(x)) * up(x))``): ``up`` scales ``down``'s inputs linearly.
+    Plain (``fc2(act(fc1(x)))``): nothing can absorb a scale through the non-linearity.
+    """
+    lin = [f"{mlp}.{n}" for n in names]
+    if gated:
+        gate, up, down = lin
+        return (gate, up), down, Producer(up, "linear")
+    fc1, down = lin
+    return (fc1,), down, None
+
+
 def decoder_layout(block: nn.Module, attn: str = "self_attn", mlp: str = "mlp",
                    in_norm: str = "input_layernorm", post_norm: str = "post_attention_layernorm",
                    norm_offset: float = 0.0, gated: bool = True,
@@ -27,13 +41,7 @@ def decoder_layout(block: nn.Module, attn: str = "self_attn", mlp: str = "mlp",
     v_out, _ = _out_in(block, v)
     _, o_in = _out_in(block, o)
     o_prod = Producer(v, "linear") if v_out == o_in else None
-    mlp_lin = [f"{mlp}.{n}" for n in mlp_names]
-    if gated:
-        gate, up, down = mlp_lin
-        mlp_in, down_prod = (gate, up), Producer(up, "linear")
-    else:
-        fc1, down = mlp_lin
-        mlp_in, down_prod = (fc1,), None
+    mlp_in, down, down_prod = _mlp(mlp, mlp_names, gated)
     head_dim = getattr(a, "head_dim", None)
     cfg = getattr(a, "config", None)
     n_heads = getattr(cfg, "num_attention_heads", None) or getattr(a, "num_heads", None)
@@ -61,13 +69,7 @@ def fused_qkv_layout(block: nn.Module, dim: int, num_heads: int, attn: str = "at
     """
     q = f"{attn}.{qkv}"
     o = f"{attn}.{proj}"
-    mlp_lin = [f"{mlp}.{n}" for n in mlp_names]
-    if gated:
-        gate, up, down = mlp_lin
-        mlp_in, down_prod = (gate, up), Producer(up, "linear")
-    else:
-        fc1, down = mlp_lin
-        mlp_in, down_prod = (fc1,), None
+    mlp_in, down, down_prod = _mlp(mlp, mlp_names, gated)
     return BlockLayout(
         groups=(
             LayerGroup("attn_in", (q,), inspect=attn, producer=Producer(norm1, "norm")),

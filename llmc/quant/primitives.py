@@ -111,9 +111,7 @@ def quantize(
     ``g_idx`` (``[in]``, long) maps input channels to groups when they are not
     contiguous (GPTQ with activation order).
     """
-    in_f = w.shape[1]
-    s = _expand(scale.float(), in_f, g_idx)
-    z = _expand(zero.float(), in_f, g_idx)
+    s, z = _expand(scale.float(), w.shape[1], g_idx), _expand(zero.float(), w.shape[1], g_idx)
     qmin, qmax = qrange(spec.bits, spec.symmetric)
     return torch.clamp(torch.round(w.float() / s) + z, qmin, qmax).to(torch.int32)
 
@@ -126,9 +124,7 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Integer ``[out, in]`` -> float ``[out, in]``: ``(q - z) * s``."""
-    in_f = q.shape[1]
-    s = _expand(scale.float(), in_f, g_idx)
-    z = _expand(zero.float(), in_f, g_idx)
+    s, z = _expand(scale.float(), q.shape[1], g_idx), _expand(zero.float(), q.shape[1], g_idx)
     return ((q.float() - z) * s).to(dtype)
 
 
