@@ -1,0 +1,246 @@
+"""GPTQ: Frantar, Ashkboos, Hoefler, Alistarh (2022), "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers".
+
+Each linear's weight is quantized one input column at a time; the rounding error
+of a column is spread over the not yet quantized columns with the inverse
+Hessian ``H = 2/N * sum_i w_i x_i x_i^T`` of the layer's inputs (``w_i``: the
+token weight of row ``i``, 0 on padding; ``N = sum_i w_i``). The inverse is
+taken once through its upper Cholesky factor and the updates are applied lazily
+block by block.
+
+Config keys (``quant.special``):
+
+* ``percdamp`` (float, 0.01): dampening added to the Hessian's diagonal, as a
+  fraction of its mean diagonal.
+* ``blocksize`` (int, 128): columns per lazy-update block (results do not depend
+  on it, only speed does).
+* ``actorder`` (bool, false): quantize columns in order of decreasing Hessian
+  diagonal; groups then follow that order and the layer gets a ``g_idx``.
+* ``static_groups`` (bool, false): compute every group's scale/zero up front on
+  the original weight (with ``actorder`` the groups stay contiguous, no ``g_idx``).
+* ``true_sequential`` (bool, true): quantize the block's layer groups one after
+  the other, each calibrated on the outputs of the already quantized earlier
+  groups; false collects every Hessian in one float pass first.
+
+Quantization grid, group size and bits come from ``quant.weight`` (per layer
+through ``ctx.spec``); layers without a spec stay float.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from loguru import logger
+
+from llmc.algorithms.base import Algorithm, register_algorithm
+from llmc.context import BlockContext, flatten_rows
+from llmc.models.layout import LayerGroup
+from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize
+from llmc.strict import ConfigError
+
+
+# ----------------------------------------------------------------- statistics
+class HessianStats:
+    """Running ``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows."""
+
+    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.n = 0.0  # total weight seen so far
+
+    def add_batch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` ``[..., C]``; ``weight`` has ``x``'s leading shape (None: all 1)."""
+        rows, w = flatten_rows(x.detach(), weight)
+        rows = rows.to(self.H.device, torch.float32)
+        w = None if w is None else w.to(self.H.device)
+        added = float(rows.shape[0]) if w is None else float(w.sum())
+        if added <= 0:
+            return
+        total = self.n + added
+        self.H *= self.n / total
+        weighted = rows if w is None else rows * w[:, None]
+        self.H += (2.0 / total) * (weighted.t() @ rows)
+        self.n = total
+
+
+# ------------------------------------------------------------------- numerics
+def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp I)^-1``; dampening grows x10 if ``H`` is not PD."""
+    diag = torch.arange(H.shape[0], device=H.device)
+    damp_frac = percdamp
+    for _ in range(6):
+        Hd = H.clone()
+        Hd[diag, diag] += damp_frac * torch.mean(torch.diag(H))
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            if damp_frac != percdamp:
+                logger.warning(f"GPTQ: Hessian not positive definite, used percdamp={damp_frac:g}")
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        damp_frac = max(damp_frac, 1e-6) * 10
+    raise RuntimeError("GPTQ: the dampened Hessian is not positive definite; raise quant.special.percdamp")
+
+
+def _current_cols(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
+                  i1: int, i: int, stop: int) -> torch.Tensor:
+    """Error-updated weights of columns ``[i1 + i, stop)`` while column ``i1 + i`` is next.
+
+    Columns inside the block live in ``W1``; later ones still miss the block's
+    pending lazy update ``Err1 @ U[block, cols]``.
+    """
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, i: min(stop, i2) - i1]
+    if stop <= i2:
+        return inside
+    beyond = W[:, i2:stop] - Err1 @ U[i1:i2, i2:stop]
+    return torch.cat([inside, beyond], dim=1)
+
+
+def _gptq_columns(W: torch.Tensor, U: torch.Tensor, spec: QuantSpec, blocksize: int,
+                  group_of: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor] | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the columns of ``W`` (in place, in its column order) with the inverse factor ``U``.
+
+    ``group_of[j]``: group index of column ``j``. ``params``: fixed (static)
+    ``(scale, zero)``; None computes a group's parameters when its first
+    column comes up, on the error-updated weights of the group's columns.
+    """
+    out_f, n = W.shape
+    gl = spec.group_len(n)
+    Q = torch.zeros_like(W)
+    if params is None:
+        scale = torch.zeros(out_f, n // gl, dtype=torch.float32, device=W.device)
+        zero = torch.zeros_like(scale)
+    else:
+        scale, zero = params
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if params is None and j % gl == 0:
+                s, z = compute_qparams(_current_cols(W, W1, Err1, U, i1, i, j + gl), spec)
+                scale[:, j // gl], zero[:, j // gl] = s[:, 0], z[:, 0]
+            g = int(group_of[j])
+            w = W1[:, i: i + 1]
+            q = fake_quantize(w, scale[:, g: g + 1], zero[:, g: g + 1], spec)
+            Q[:, j] = q[:, 0]
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err @ U1[i: i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Q, scale, zero
+
+
+def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, percdamp: float = 0.01,
+                         blocksize: int = 128, actorder: bool = False, static_groups: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """GPTQ of one weight ``[out, in]`` with the input Hessian ``H`` ``[in, in]``.
+
+    Returns ``(W_q, scale, zero, g_idx)``: the dequantized weight (float32, or
+    float64 for a float64 ``W``), parameters ``[out, G]`` and ``g_idx`` ``[in]``
+    (input channel -> group) when groups are not contiguous in the original
+    order (``actorder`` without ``static_groups``), else None. Then
+    ``fake_quantize(W_q, scale, zero, spec, g_idx) == W_q``. Inputs never seen
+    (zero Hessian diagonal) get zero weights.
+    """
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.detach().to(dtype).clone()
+    H = H.detach().to(W.device, dtype).clone()
+    n = W.shape[1]
+    gl = spec.group_len(n)
+    if n % gl:
+        raise ValueError(f"in_features={n} is not divisible by group_size={gl}")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    params = compute_qparams(W, spec) if static_groups else None
+    cols = torch.arange(n, device=W.device)
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else cols
+    W, H = W[:, perm], H[perm][:, perm]
+    group_of = perm // gl if static_groups else cols // gl
+    U = _inverse_cholesky(H, percdamp)
+    Q, scale, zero = _gptq_columns(W, U, spec, max(1, blocksize), group_of, params)
+    invperm = torch.argsort(perm)
+    g_idx = None
+    if actorder and not static_groups and n // gl > 1:
+        g_idx = (cols // gl)[invperm]
+    return Q[:, invperm], scale, zero, g_idx
+
+
+# ------------------------------------------------------------------ algorithm
+@dataclass
+class GPTQOptions:
+    percdamp: float = 0.01
+    blocksize: int = 128
+    actorder: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.percdamp:
+            raise ConfigError(f"quant.special.percdamp: {self.percdamp} must be >= 0")
+        if self.blocksize < 1:
+            raise ConfigError(f"quant.special.blocksize: {self.blocksize} must be >= 1")
+
+
+@register_algorithm
+class GPTQ(Algorithm):
+    name = "GPTQ"
+    Options = GPTQOptions
+
+    @torch.no_grad()
+    def collect(self, ctx: BlockContext, groups: list[LayerGroup]) -> dict[str, HessianStats]:
+        """Hessian of each group's input (its linears read the same input), over one pass of the block."""
+        stats: dict[str, HessianStats] = {}
+        current: list[torch.Tensor | None] = [None]
+        hooks = []
+        for g in groups:
+            lin = ctx.get(g.input_of)
+            stats[g.name] = HessianStats(lin.in_features, lin.weight.device)
+
+            def hook(mod, args, _s=stats[g.name]):
+                _s.add_batch(args[0], current[0])
+            hooks.append(lin.register_forward_pre_hook(hook))
+        try:
+            for call in ctx.calls:
+                current[0] = call.weight
+                ctx.block(*call.args, **call.kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return stats
+
+    @torch.no_grad()
+    def quantize_linear(self, ctx: BlockContext, name: str, H: torch.Tensor) -> None:
+        """GPTQ one linear and replace it by a fake-quant linear holding the GPTQ weights."""
+        spec = ctx.spec(name)
+        lin = ctx.get(name)
+        o = self.options
+        W_q, scale, zero, g_idx = gptq_quantize_weight(lin.weight, H, spec, o.percdamp, o.blocksize,
+                                                       o.actorder, o.static_groups)
+        lin.weight.copy_(W_q.to(lin.weight.dtype))
+        ctx.quantize(name, scale, zero, g_idx)
+        self.records[ctx.full_name(name)] = {"spec": spec.describe(), "g_idx": g_idx is not None,
+                                             "dead_inputs": int((torch.diag(H) == 0).sum())}
+
+    def _todo(self, ctx: BlockContext, group: LayerGroup) -> list[str]:
+        """The group's linears to quantize: those with a spec, not already fake-quant."""
+        return [n for n in group.linears
+                if ctx.spec(n) is not None and not isinstance(ctx.get(n), FakeQuantLinear)]
+
+    def process_block(self, ctx: BlockContext) -> None:
+        groups = [g for g in ctx.layout.groups if self._todo(ctx, g)]
+        if not groups:
+            return
+        if self.options.true_sequential:
+            for g in groups:
+                H = self.collect(ctx, [g])[g.name].H
+                for name in self._todo(ctx, g):
+                    self.quantize_linear(ctx, name, H)
+            return
+        stats = self.collect(ctx, groups)
+        for g in groups:
+            for name in self._todo(ctx, g):
+                self.quantize_linear(ctx, name, stats[g.name].H)
