@@ -115,9 +115,10 @@ class OverrideConfig:
 
 @dataclass
 class PartConfig:
-    """Settings of one part (``vision`` or ``language``) that replace ``quant.weight``."""
+    """Settings of one part (``vision`` or ``language``): the ``weight`` keys it names replace
+    those of ``quant.weight``, the others are kept (validated by ``QuantConfig``)."""
 
-    weight: WeightConfig | None = None
+    weight: dict[str, Any] | None = None
 
 
 @dataclass
@@ -148,6 +149,10 @@ class QuantConfig:
                                       " valid keys: ['image', 'text']")
                 if not isinstance(v, (int, float)) or v < 0:
                     raise ConfigError(f"quant.token_weight.{k}: {v!r} must be a number >= 0")
+        for part in parts:
+            sub = getattr(self, part)
+            if sub is not None and sub.weight is not None:
+                from_dict(WeightConfig, {**dataclasses.asdict(self.weight), **sub.weight}, f"quant.{part}.weight")
 
     @property
     def methods(self) -> list[str]:
@@ -155,7 +160,9 @@ class QuantConfig:
 
     def part_weight(self, part: str) -> WeightConfig:
         sub = getattr(self, part)
-        return sub.weight if sub is not None and sub.weight is not None else self.weight
+        if sub is None or not sub.weight:
+            return self.weight
+        return dataclasses.replace(self.weight, **sub.weight)
 
 
 @dataclass

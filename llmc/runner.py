@@ -105,6 +105,7 @@ def _run(cfg: LLMCConfig, out: Path) -> None:
 def run_job(cfg: LLMCConfig, overwrite: bool = False) -> Path:
     """Run the whole job; ``save_path`` appears only when everything succeeded."""
     save = check_paths(cfg, overwrite)
+    build_algorithms(cfg.quant)  # a bad method, special key or missing quant.act fails before any work
     failed_log = save.parent / f"{save.name}.failed.log"
     with atomic_dir(save, overwrite) as out:
         sink = logger.add(out / LOG_NAME, level=cfg.run.log_level)
