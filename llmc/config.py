@@ -20,6 +20,7 @@ from llmc.strict import ConfigError, from_dict, suggest
 __all__ = ["ConfigError", "LLMCConfig", "load_config", "parse_config"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PATH_SPECIAL_KEYS = ("load_scales",)  # quant.special keys holding paths: resolved like the others
 
 
 @dataclass
@@ -219,6 +220,9 @@ def parse_config(data: Any, root: Path | None = None, source: Path | None = None
         cfg.calib.path = _resolve(cfg.calib.path, root)
     if cfg.eval is not None:
         cfg.eval.path = _resolve(cfg.eval.path, root)
+    for key in PATH_SPECIAL_KEYS:
+        if isinstance(cfg.quant.special.get(key), str):
+            cfg.quant.special[key] = _resolve(cfg.quant.special[key], root)
     cfg.source = source
     if not Path(cfg.model.path).exists():
         raise ConfigError(f"model.path: {cfg.model.path} does not exist")

@@ -60,10 +60,23 @@ class CachedCall:
     args: tuple
     kwargs: dict
     weight: torch.Tensor | None = None
+    block_kwargs: dict[int, dict] | None = None  # captured call kwargs by block index (block kinds)
 
     def with_hidden(self, x: torch.Tensor) -> "CachedCall":
         args, kwargs = with_primary(self.args, self.kwargs, x)
         return replace(self, args=args, kwargs=kwargs)
+
+    def kwargs_for(self, source: int) -> dict:
+        """Call kwargs captured at block ``source`` (block 0's are ``kwargs``)."""
+        if source == 0 or self.block_kwargs is None:
+            return self.kwargs
+        return self.block_kwargs[source]
+
+    def for_block(self, kwargs: dict) -> "CachedCall":
+        """The same hidden state, called with ``kwargs``."""
+        if self.args:
+            return replace(self, kwargs={k: v for k, v in kwargs.items() if k != "hidden_states"})
+        return replace(self, kwargs={**kwargs, "hidden_states": self.kwargs["hidden_states"]})
 
 
 def flatten_rows(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -110,6 +123,7 @@ class BlockContext:
     @contextmanager
     def recording(self, names: Sequence[str]) -> Iterator[dict[str, list[tuple[tuple, dict]]]]:
         """Record the calls (args, kwargs) made to submodules ``names`` while inside."""
+        names = list(dict.fromkeys(names))
         record: dict[str, list[tuple[tuple, dict]]] = {n: [] for n in names}
         hooks = []
         for n in names:

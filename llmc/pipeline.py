@@ -14,7 +14,7 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
-from llmc.context import BlockContext, CachedCall, SpecResolver, to_device
+from llmc.context import BlockContext, CachedCall, SpecResolver, primary, to_device
 
 if TYPE_CHECKING:
     from llmc.algorithms.base import Algorithm
@@ -25,23 +25,50 @@ class _StopForward(Exception):
     """Raised by the capture hook to end the model's forward at the first block."""
 
 
-@contextmanager
-def catch_block_inputs(block: nn.Module) -> Iterator[list[tuple[tuple, dict]]]:
-    """Record the (args, kwargs) of ``block``'s calls and stop the forward there.
+class _Recorder(nn.Module):
+    """Stands in for a block during capture: records its call, passes the hidden state through.
 
-    The hook is always removed, whatever happens inside.
+    Attribute lookups fall through to the real block (model code reads e.g.
+    ``blocks[0].mlp.fc2.weight.dtype`` or ``layer.attention_type``).
     """
-    records: list[tuple[tuple, dict]] = []
 
-    def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        records.append((args, kwargs))
-        raise _StopForward
+    def __init__(self, block: nn.Module, record: bool, stop: bool, sink: list) -> None:
+        super().__init__()
+        self.inner, self.record, self.stop, self.sink = block, record, stop, sink
 
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("inner"), name)
+
+    def forward(self, *args, **kwargs):
+        if self.record:
+            self.sink.append((args, kwargs))
+        if self.stop:
+            raise _StopForward
+        return primary(args, kwargs)
+
+
+@contextmanager
+def catch_block_inputs(blocks: nn.ModuleList, indices: tuple[int, ...] = (0,)) -> Iterator[list[list]]:
+    """Record the calls of ``blocks[i]`` for ``i`` in ``indices`` and stop the forward at the last.
+
+    Blocks before the last index are replaced by pass-through recorders, so only
+    the call kwargs (masks, rotary tables) of later blocks are meaningful; their
+    hidden states come from chaining real block outputs. Blocks are always restored.
+    """
+    last = max(indices)
+    sinks: list[list] = [[] for _ in indices]
+    originals = [blocks[i] for i in range(last + 1)]
     try:
-        yield records
+        for i in range(last + 1):
+            sink = sinks[indices.index(i)] if i in indices else []
+            blocks[i] = _Recorder(originals[i], i in indices, i == last, sink)
+        yield sinks
     finally:
-        handle.remove()
+        for i, block in enumerate(originals):
+            blocks[i] = block
 
 
 def _move_except(module: nn.Module, keep: nn.Module, device: torch.device) -> None:
@@ -85,45 +112,61 @@ def token_weights(adapter: "ModelAdapter", batch: dict[str, torch.Tensor],
     return mask * w
 
 
+def _language_weight(adapter: "ModelAdapter", batch: dict, args: tuple, kwargs: dict,
+                     weights: dict[str, float] | None, device: torch.device) -> torch.Tensor:
+    w = token_weights(adapter, batch, weights).to(device)
+    hidden = primary(args, kwargs)
+    if tuple(hidden.shape[:-1]) != tuple(w.shape):
+        raise RuntimeError(f"language block input {tuple(hidden.shape)} does not line up with the input ids "
+                           f"{tuple(w.shape)}")
+    return w
+
+
 @torch.no_grad()
 def capture(adapter: "ModelAdapter", part: str, batches: list[dict[str, torch.Tensor]],
             device: torch.device, weights: dict[str, float] | None = None) -> list[CachedCall]:
-    """Run the real model on ``batches`` and cache the inputs of the part's first block."""
+    """Run the real model on ``batches`` and cache the inputs of the part's first block.
+
+    The call kwargs of every block kind (``adapter.kwargs_source``) are cached too.
+    """
     blocks = adapter.blocks(part)
+    indices = tuple(sorted({adapter.kwargs_source(part, i) for i in range(len(blocks))}))
     calls: list[CachedCall] = []
-    with front_on_device(adapter.model, blocks, device), catch_block_inputs(blocks[0]) as rec:
+    with front_on_device(adapter.model, blocks, device), catch_block_inputs(blocks, indices) as sinks:
         for batch in batches:
-            before = len(rec)
+            before = [len(s) for s in sinks]
             try:
                 adapter.model(**to_device(batch, device), use_cache=False)
             except _StopForward:
                 pass
-            if len(rec) == before:
-                raise RuntimeError(f"the forward pass never reached the first {part} block; "
+            if any(len(s) != b + 1 for s, b in zip(sinks, before)):
+                raise RuntimeError(f"the forward pass did not reach the {part} blocks {list(indices)} once each; "
                                    f"does every calibration sample have what the {part} part needs "
                                    f"(images for vision)?")
-            for args, kwargs in rec[before:]:
-                w = None
-                if part == "language":
-                    w = token_weights(adapter, batch, weights).to(device)
-                    hidden = args[0] if args else kwargs.get("hidden_states")
-                    if hidden is None or tuple(hidden.shape[:-1]) != tuple(w.shape):
-                        raise RuntimeError("language block input does not line up with the input ids")
-                calls.append(CachedCall(args, {**kwargs, "use_cache": False} if "use_cache" in kwargs
-                                        else kwargs, w))
+            args, kwargs = sinks[0][-1]
+            w = _language_weight(adapter, batch, args, kwargs, weights, device) if part == "language" else None
+            by_block = {i: _no_cache(s[-1][1]) for i, s in zip(indices, sinks)}
+            calls.append(CachedCall(args, by_block[0], w, by_block))
     return calls
 
 
+def _no_cache(kwargs: dict) -> dict:
+    return {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
+
+
 def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], algorithm: "Algorithm",
-                   resolver: SpecResolver, device: torch.device, act_bits: int | None = None) -> None:
-    """Apply ``algorithm`` to every block of ``part`` in order, chaining quantized outputs."""
+                   resolver: SpecResolver, device: torch.device, act_bits: int | None = None) -> list[torch.Tensor]:
+    """Apply ``algorithm`` to every block of ``part`` in order, chaining quantized outputs.
+
+    Returns the last block's outputs, one per cached call.
+    """
     blocks = adapter.blocks(part)
     prefix = adapter.blocks_path(part)
     for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} {part} blocks"):
         block = blocks[i]
         block.to(device)
-        block_calls = [CachedCall(c.args, adapter.block_call_kwargs(part, i, c.kwargs), c.weight)
-                       for c in calls]
+        src = adapter.kwargs_source(part, i)
+        block_calls = [c.for_block(adapter.block_call_kwargs(part, i, c.kwargs_for(src))) for c in calls]
         ctx = BlockContext(part=part, index=i, prefix=f"{prefix}.{i}", block=block,
                            layout=adapter.block_layout(part, block), calls=block_calls,
                            device=device, resolver=resolver, act_bits=act_bits)
@@ -133,6 +176,7 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
         if device.type != "cpu":
             block.to("cpu")
         logger.debug(f"{part} block {i}: done")
+    return [primary(c.args, c.kwargs) for c in calls]
 
 
 def resolve_device(name: str) -> torch.device:

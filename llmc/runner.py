@@ -58,8 +58,12 @@ def calibration_batches(cfg: LLMCConfig, adapter: ModelAdapter) -> list[dict[str
                                   max_length=c.seq_len) for g in groups]
 
 
-def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device) -> dict[str, str]:
-    """Apply ``quant.method`` to the parts in ``quant_objects``; returns layer -> spec summary."""
+def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
+                   state_dir: Path | None = None) -> dict[str, str]:
+    """Apply ``quant.method`` to the parts in ``quant_objects``; returns layer -> spec summary.
+
+    With ``state_dir``, each algorithm writes its replayable state there (AWQ's scales).
+    """
     algos = build_algorithms(cfg.quant)
     parts = [p for p in ("vision", "language") if p in cfg.quant.quant_objects]
     for p in parts:
@@ -78,6 +82,10 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device)
         calls = capture(adapter, part, batches, device, cfg.quant.token_weight) if batches else []
         process_blocks(adapter, part, calls, quantizer, resolver, device, act_bits)
         logger.info(f"{quantizer.name} on {part}: {time.time() - t0:.1f}s")
+    if state_dir is not None:
+        for algo in algos:
+            for path in algo.save_state(state_dir):
+                logger.info(f"{algo.name}: saved {path.name} (replay with quant.special.load_scales)")
     return {n: m.spec.describe() for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
@@ -88,7 +96,7 @@ def _run(cfg: LLMCConfig, out: Path) -> None:
     logger.info(f"llmc: model {cfg.model.type} from {cfg.model.path} on {device}")
     adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
                            cfg.model.trust_remote_code)
-    layers = quantize_model(cfg, adapter, device)
+    layers = quantize_model(cfg, adapter, device, state_dir=out)
     logger.info(f"quantized {len(layers)} linear layers")
     (out / "quant_layers.json").write_text(json.dumps(layers, indent=1))
     if cfg.save.save_trans:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -48,6 +49,10 @@ class Algorithm:
 
     def process_block(self, ctx: "BlockContext") -> None:
         """Transform and/or quantize one block (default: nothing)."""
+
+    def save_state(self, out_dir: Path) -> list[Path]:
+        """Write what makes this run replayable (search results) into ``out_dir``; default: nothing."""
+        return []
 
 
 def _norm(name: str) -> str:

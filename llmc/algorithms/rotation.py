@@ -153,24 +153,11 @@ def head_blocks(rots: list[torch.Tensor], num_heads: int) -> tuple[torch.Tensor,
 
 # ------------------------------------------------------------------------------------------ model surface
 def attention_value_output(layout: BlockLayout) -> tuple[Producer, str]:
-    """The value producer (name, rows) and the output projection of a block's attention.
-
-    The output projection is the single linear of the ``attn_out`` group. Its
-    value producer is that group's linear producer; under grouped-query
-    attention (no producer) it is the last linear of ``attn_in`` (ordered q, k, v).
-    """
-    groups = {g.name: g for g in layout.groups}
-    out = groups.get("attn_out")
-    if out is None or len(out.linears) != 1:
-        raise ValueError(f"rotate_heads: the layout has no single-linear 'attn_out' group "
-                         f"(groups: {list(groups)}); set rotate_heads: false")
-    if out.producer is not None and out.producer.kind == "linear":
-        return out.producer, out.linears[0]
-    attn_in = groups.get("attn_in")
-    if attn_in is None or len(attn_in.linears) != 3:
-        raise ValueError("rotate_heads: cannot find the value projection (no producer of 'attn_out' and no "
-                         "'attn_in' group of q, k, v); set rotate_heads: false")
-    return Producer(attn_in.linears[2], "linear"), out.linears[0]
+    """The value producer (name, rows) and the output projection of a block's attention (layout data)."""
+    if layout.value is None or layout.attn_output is None:
+        raise ValueError("rotate_heads: the block layout names no value projection / attention output "
+                         "(BlockLayout.value, BlockLayout.attn_output); set rotate_heads: false")
+    return layout.value, layout.attn_output
 
 
 def untie_lm_head(model: nn.Module, lm_head: str, embeddings: tuple[str, ...]) -> bool:

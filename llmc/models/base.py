@@ -109,8 +109,19 @@ class ModelAdapter(ABC):
     def rotation_targets(self) -> RotationTargets:
         """Writers into the language residual stream from outside its blocks."""
 
+    def kwargs_source(self, part: str, index: int) -> int:
+        """The block whose captured call kwargs block ``index`` runs with.
+
+        Blocks of one kind share kwargs (masks, rotary tables); by default the kind
+        is the block's ``attention_type`` (sliding vs full attention), so each
+        kind's first block is captured.
+        """
+        blocks = self.blocks(part)
+        kind = getattr(blocks[index], "attention_type", None)
+        return next(j for j, b in enumerate(blocks) if getattr(b, "attention_type", None) == kind)
+
     def block_call_kwargs(self, part: str, index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Call kwargs of block ``index`` from those captured at block 0 (per-layer masks)."""
+        """Last adjustment of block ``index``'s call kwargs (default: as captured)."""
         return kwargs
 
     # ------------------------------------------------------------------ inputs

@@ -55,6 +55,7 @@ def decoder_layout(block: nn.Module, attn: str = "self_attn", mlp: str = "mlp",
         ),
         residual_writers=(o, down),
         norms=(in_norm, post_norm),
+        value=Producer(v, "linear"), attn_output=o,
         head_dim=head_dim, num_heads=n_heads, num_kv_heads=n_kv,
     )
 
@@ -79,5 +80,6 @@ def fused_qkv_layout(block: nn.Module, dim: int, num_heads: int, attn: str = "at
         ),
         residual_writers=(o, down),
         norms=(norm1, norm2),
+        value=Producer(q, "linear", rows=(2 * dim, 3 * dim)), attn_output=o,
         head_dim=dim // num_heads, num_heads=num_heads, num_kv_heads=num_heads,
     )

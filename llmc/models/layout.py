@@ -61,12 +61,16 @@ class BlockLayout:
     ``residual_writers``: linears that write into the residual stream (attention
     output and MLP down projection), rotated on their output side.
     ``norms``: the norms that feed residual readers (folded into them by rotation).
-    ``head_dim``/``num_heads``/``num_kv_heads``: for head-wise transforms.
+    ``value``: the op producing the attention values (with its rows when fused)
+    and ``attn_output`` the projection consuming them, for head-wise transforms,
+    whatever the head grouping; ``head_dim``/``num_heads``/``num_kv_heads`` too.
     """
 
     groups: tuple[LayerGroup, ...]
     residual_writers: tuple[str, ...] = ()
     norms: tuple[str, ...] = ()
+    value: Producer | None = None
+    attn_output: str | None = None
     head_dim: int | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None

@@ -1,0 +1,372 @@
+"""AWQ: Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration".
+
+Per block: (1) for every layer group with a producer, search per-input-channel
+scales ``s`` that minimise the quantized output error of the group's
+``inspect`` module and fold them exactly (``x / s`` at the producer,
+``W * s`` in the consumers); (2) search a weight clipping ratio per (output
+row, quantization group); (3) quantize every linear. Searches are pure
+functions (``search_scales``, ``search_clip``); folding and quantizing are
+separate and can be replayed from a saved record (``load_scales``).
+
+``quant.special`` keys:
+
+* ``trans`` (true): do the scale search and fold the scales.
+* ``trans_version`` ("v2"): "v2" ``s = x_mean^r``; "v1" ``s = x_mean^r / w_mean^(1-r)``
+  with ``w_mean`` the mean over output rows of ``|W|`` normalised by its group's absmax.
+* ``n_grid`` (20): ratios ``r = i / n_grid`` for ``i < n_grid``; ``r = 0`` is plain RTN.
+* ``weight_clip`` (true): search clipping ratios (llm-awq's ``auto_clip``).
+* ``clip_sym`` (true): one ratio per (row, group) shrinks both ends of the range
+  (``compute_qparams``'s ``clip``). False, for asymmetric weights only, refines it
+  by coordinate search into separate max-side and min-side ratios (two more passes
+  over the grid, never worse on the sampled tokens); symmetric weights have one
+  absmax ratio either way.
+* ``clip_grid`` (20): number of ratios from 1 down to ``1 - max_shrink`` (inclusive).
+* ``max_shrink`` (0.5): the largest fraction of the range that clipping may remove.
+* ``clip_n_tokens`` (512): input rows (evenly strided over non-padding rows) used by the clip search.
+* ``load_scales`` (null): path of a record written by ``save_records``; its scales and
+  clips are replayed instead of searched (no calibration data is needed then).
+* ``save_scales`` (true): ask the runner to write ``self.records`` with ``save_records``.
+
+Token weights (``CachedCall.weight``: 0 on padding, the user's image/text
+weights elsewhere; None for vision blocks) weight every mean and every error.
+As in llm-awq, clipping skips the query/key linears: the first two linears of a
+group of at least three whose ``inspect`` module also contains a residual
+writer (separate q/k/v attention). A fused qkv linear is clipped as a whole.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from loguru import logger
+
+from llmc.algorithms.base import Algorithm, register_algorithm
+from llmc.context import BlockContext, first_tensor, flatten_rows, primary
+from llmc.models.layout import BlockLayout, LayerGroup
+from llmc.quant.primitives import (
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    rtn_fake_quantize,
+    to_groups,
+)
+from llmc.quant.scaling import fold_scales
+from llmc.strict import ConfigError
+
+LossFn = Callable[[torch.Tensor], float]
+
+
+@dataclass
+class AWQOptions:
+    """``quant.special`` keys of AWQ (see the module docstring)."""
+
+    trans: bool = True
+    trans_version: Literal["v1", "v2"] = "v2"
+    n_grid: int = 20
+    weight_clip: bool = True
+    clip_sym: bool = True
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    clip_n_tokens: int = 512
+    load_scales: str | None = None
+    save_scales: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("n_grid", "clip_grid", "clip_n_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"quant.special.{key}: {getattr(self, key)} must be >= 1")
+        if not 0.0 <= self.max_shrink < 1.0:
+            raise ConfigError(f"quant.special.max_shrink: {self.max_shrink} must be in [0, 1)")
+        if self.load_scales is not None and not Path(self.load_scales).is_file():
+            raise ConfigError(f"quant.special.load_scales: {self.load_scales} is not a file")
+
+
+# ----------------------------------------------------------------------------------- scale search
+def weighted_abs_mean(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """Per-channel mean of ``|x|`` over all rows of all calls, rows weighted (weight 0 rows ignored)."""
+    total, norm = None, 0.0
+    for x, w in zip(xs, weights):
+        rows, rw = flatten_rows(x, w)
+        a = rows.float().abs()
+        s = a.sum(0) if rw is None else (a * rw[:, None]).sum(0)
+        total = s if total is None else total + s
+        norm += float(rows.shape[0]) if rw is None else float(rw.sum())
+    if total is None or norm <= 0:
+        raise ValueError("no calibration rows with a non-zero token weight")
+    return total / norm
+
+
+def weight_mean(weights: Sequence[torch.Tensor], group_len: int) -> torch.Tensor:
+    """llm-awq's ``get_weight_scale``: ``|W| / absmax(group)``, averaged over all consumers' rows."""
+    w = torch.cat([x.detach().float() for x in weights], dim=0)
+    g = to_groups(w.abs(), group_len)
+    g = g / g.amax(dim=-1, keepdim=True).clamp(min=1e-8)
+    return g.reshape(w.shape).mean(0)
+
+
+def grid_scales(x_mean: torch.Tensor, ratio: float, w_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """``x_mean^r`` (v2) or ``x_mean^r / w_mean^(1-r)`` (v1), normalised by ``sqrt(max * min)``."""
+    s = x_mean.float().pow(ratio)
+    if w_mean is not None:
+        s = s / w_mean.float().clamp(min=1e-4).pow(1 - ratio)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def search_scales(x_mean: torch.Tensor, loss_fn: LossFn, n_grid: int,
+                  w_mean: torch.Tensor | None = None) -> tuple[torch.Tensor, float, list[float]]:
+    """Best scales over ratios ``i / n_grid``: ``(scales, ratio, losses)``; ratio 0 gives all-ones."""
+    best, best_ratio, best_loss, losses = torch.ones_like(x_mean, dtype=torch.float32), 0.0, float("inf"), []
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = grid_scales(x_mean, ratio, w_mean)
+        loss = float(loss_fn(s))
+        losses.append(loss)
+        if loss < best_loss:
+            best, best_ratio, best_loss = s, ratio, loss
+    return best, best_ratio, losses
+
+
+# ------------------------------------------------------------------------------------ clip search
+def clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quant params with clipping ratios: ``[out, G]`` shared, or ``[out, G, 2]`` (max side, min side)."""
+    clip = torch.as_tensor(clip, dtype=torch.float32, device=w.device)
+    if clip.dim() < 3:
+        return compute_qparams(w, spec, clip)
+    if spec.symmetric:
+        return compute_qparams(w, spec, clip[..., 0])
+    g = to_groups(w.float(), spec.group_len(w.shape[1]))
+    wmax = g.amax(dim=-1).clamp(min=0) * clip[..., 0]
+    wmin = g.amin(dim=-1).clamp(max=0) * clip[..., 1]
+    scale = ((wmax - wmin) / (2**spec.bits - 1)).clamp(min=1e-8)
+    zero = torch.round(-wmin / scale).clamp(0, 2**spec.bits - 1)
+    return scale, zero
+
+
+def clip_error(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip: torch.Tensor,
+               x_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``[out, G]``: weighted mean over rows of ``(x_g . (fq(w)_g - w_g))^2`` per (row, group)."""
+    scale, zero = clipped_qparams(w, spec, clip)
+    gl = spec.group_len(w.shape[1])
+    d = to_groups(fake_quantize(w.float(), scale, zero, spec) - w.float(), gl)  # [o, G, gl]
+    xg = x.float().reshape(x.shape[0], -1, gl)  # [T, G, gl]
+    out = torch.einsum("tgl,ogl->otg", xg, d).pow(2)  # [o, T, G]
+    if x_weight is None:
+        return out.mean(1)
+    return (out * x_weight[None, :, None]).sum(1) / x_weight.sum().clamp(min=1e-12)
+
+
+def _best_over(err_fn: Callable[[torch.Tensor], torch.Tensor], base: torch.Tensor, ratios: torch.Tensor,
+               side: int | None) -> torch.Tensor:
+    """Per-(row, group) best clip: every ratio on ``side`` (None: the whole entry), starting from ``base``."""
+    best = base.clone()
+    best_err = err_fn(base) if side is not None else torch.full(base.shape, float("inf"), device=base.device)
+    for r in ratios.tolist():
+        cand = base.clone()
+        if side is None:
+            cand.fill_(r)
+        else:
+            cand[..., side] = r
+        err = err_fn(cand)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best[better] = cand[better]
+    return best
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor,
+                x_weight: torch.Tensor | None = None, separate: bool = False) -> torch.Tensor:
+    """Clip ratios minimising ``clip_error``: ``[out, G]``, or ``[out, G, 2]`` when ``separate`` (asymmetric)."""
+    out_f, in_f = w.shape
+    n_groups = in_f // spec.group_len(in_f)
+    chunk = max(1, min(out_f, 2**24 // max(1, x.shape[0] * n_groups)))
+    res = []
+    for o in range(0, out_f, chunk):
+        wc = w[o:o + chunk].float()
+        def err(c, wc=wc):
+            return clip_error(wc, x, spec, c, x_weight)
+        best = _best_over(err, torch.ones(wc.shape[0], n_groups, device=w.device), ratios, None)
+        if separate and not spec.symmetric:
+            best = torch.stack([best, best], dim=-1)
+            for side in (1, 0):
+                best = _best_over(err, best, ratios, side)
+        res.append(best)
+    return torch.cat(res)
+
+
+def sample_rows(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None],
+                n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """At most ``n`` rows evenly strided over all non-padding rows of ``xs`` (and their weights)."""
+    flat = [flatten_rows(x, w) for x, w in zip(xs, weights)]
+    total = sum(r.shape[0] for r, _ in flat)
+    if total == 0:
+        raise ValueError("no calibration rows with a non-zero token weight")
+    idx = torch.arange(0, total, max(1, total // n))[:n]
+    rows, rws, off = [], [], 0
+    for r, rw in flat:
+        local = idx[(idx >= off) & (idx < off + r.shape[0])] - off
+        rows.append(r[local.to(r.device)])
+        rws.append(None if rw is None else rw[local.to(rw.device)])
+        off += r.shape[0]
+    has_w = any(rw is not None for rw in rws)
+    weights_out = torch.cat([rw if rw is not None else torch.ones(r.shape[0], device=r.device)
+                             for r, rw in zip(rows, rws)]) if has_w else None
+    return torch.cat(rows), weights_out
+
+
+def clip_skipped(layout: BlockLayout) -> set[str]:
+    """Query/key linears, left unclipped as in llm-awq: the first two of a group of >= 3 linears whose
+    ``inspect`` module also holds a residual writer (the output projection of a q/k/v attention)."""
+    skip: set[str] = set()
+    for g in layout.groups:
+        if len(g.linears) >= 3 and any(w.startswith(f"{g.inspect}.") for w in layout.residual_writers):
+            skip.update(g.linears[:2])
+    return skip
+
+
+def _group_loss(ctx: BlockContext, group: LayerGroup, calls: list[tuple[tuple, dict]],
+                weights: Sequence[torch.Tensor | None]) -> LossFn:
+    """Token-weighted MSE of ``inspect`` vs its float output, consumers set to ``fq(W * s) / s``."""
+    inspect = ctx.get(group.inspect)
+    lins = [(ctx.get(n), ctx.spec(n)) for n in group.linears]
+    orig = [lin.weight.detach().clone() for lin, _ in lins]
+    with torch.no_grad():
+        refs = [first_tensor(inspect(*a, **k)).float() for a, k in calls]
+
+    @torch.no_grad()
+    def loss(s: torch.Tensor) -> float:
+        try:
+            for (lin, spec), w0 in zip(lins, orig):
+                if spec is not None:
+                    sd = s.to(w0.device)[None, :]
+                    lin.weight.copy_((rtn_fake_quantize(w0.float() * sd, spec) / sd).to(w0.dtype))
+            err, norm = 0.0, 0.0
+            for (a, k), ref, w in zip(calls, refs, weights):
+                rows, rw = flatten_rows(first_tensor(inspect(*a, **k)).float() - ref, w)
+                sq = rows.pow(2).mean(-1)
+                err += float(sq.sum() if rw is None else (sq * rw).sum())
+                norm += float(rows.shape[0] if rw is None else rw.sum())
+            return err / max(norm, 1e-12)
+        finally:
+            for (lin, _), w0 in zip(lins, orig):
+                lin.weight.copy_(w0)
+
+    return loss
+
+
+RECORD_FILE = "awq_records.pt"
+
+
+@register_algorithm
+class AWQ(Algorithm):
+    name = "AWQ"
+    Options = AWQOptions
+
+    def __init__(self, options: AWQOptions, quant: Any) -> None:
+        super().__init__(options, quant)
+        self.clips: dict[str, torch.Tensor] = {}
+        self.loaded: dict[str, dict[str, torch.Tensor]] | None = None
+        if options.load_scales is not None:
+            self.loaded = load_records(options.load_scales)
+            self.needs_calib = False  # replay needs no calibration data
+
+    def save_state(self, out_dir: Path) -> list[Path]:
+        if not self.options.save_scales or self.loaded is not None or not (self.records or self.clips):
+            return []
+        return [save_records(self, out_dir / RECORD_FILE)]
+
+    def process_block(self, ctx: BlockContext) -> None:
+        if self.loaded is not None:
+            self._replay(ctx)
+            return
+        if self.options.trans:
+            for group in ctx.layout.groups:
+                if group.producer is not None and any(ctx.spec(n) is not None for n in group.linears):
+                    self._scale_group(ctx, group)
+        if self.options.weight_clip and ctx.calls:
+            self._clip_block(ctx)
+        for name in ctx.layout.linears():
+            ctx.quantize(name)
+
+    def _scale_group(self, ctx: BlockContext, group: LayerGroup) -> None:
+        """Search the group's scales on freshly recorded calls (earlier folds included), then fold them."""
+        rec = ctx.record_calls(list(dict.fromkeys([group.inspect, group.input_of])))
+        weights = [c.weight for c in ctx.calls]
+        x_mean = weighted_abs_mean([primary(a, k) for a, k in rec[group.input_of]], weights)
+        w_mean = None
+        if self.options.trans_version == "v1":
+            spec = next(ctx.spec(n) for n in group.linears if ctx.spec(n) is not None)
+            lins = [ctx.get(n).weight for n in group.linears]
+            w_mean = weight_mean(lins, spec.group_len(lins[0].shape[1]))
+        loss = _group_loss(ctx, group, rec[group.inspect], weights)
+        s, ratio, losses = search_scales(x_mean, loss, self.options.n_grid, w_mean)
+        fold_scales(ctx.block, group, s)
+        self.records[f"{ctx.prefix}.{group.name}"] = s.detach().cpu()
+        logger.debug(f"AWQ {ctx.prefix}.{group.name}: ratio {ratio:.2f}, loss {losses[0]:.3g} -> {min(losses):.3g}")
+
+    def _clip_block(self, ctx: BlockContext) -> None:
+        """Search clip ratios on the (scaled, still float) block's inputs and quantize with them."""
+        skip = clip_skipped(ctx.layout)
+        todo = [g for g in ctx.layout.groups if any(n not in skip and ctx.spec(n) for n in g.linears)]
+        if not todo:
+            return
+        inputs = ctx.inputs([g.input_of for g in todo])
+        weights = [c.weight for c in ctx.calls]
+        o = self.options
+        ratios = torch.linspace(1.0, 1.0 - o.max_shrink, o.clip_grid)
+        for g in todo:
+            x, xw = sample_rows(inputs[g.input_of], weights, o.clip_n_tokens)
+            for name in g.linears:
+                spec = ctx.spec(name)
+                if name in skip or spec is None:
+                    continue
+                w = ctx.get(name).weight.detach()
+                clip = search_clip(w, x, spec, ratios, xw, separate=not o.clip_sym)
+                self.clips[ctx.full_name(name)] = clip.cpu()
+                ctx.quantize(name, *clipped_qparams(w, spec, clip))
+
+    def _replay(self, ctx: BlockContext) -> None:
+        """Fold the loaded scales and quantize with the loaded clips (RTN where none was recorded)."""
+        assert self.loaded is not None
+        scales, clips = self.loaded["scales"], self.loaded["clips"]
+        pre = f"{ctx.prefix}."
+        if not any(k.startswith(pre) for k in (*scales, *clips)):
+            raise ValueError(f"quant.special.load_scales: {self.options.load_scales} has no record for "
+                             f"block {ctx.prefix}; it holds e.g. {sorted(scales)[:3] or sorted(clips)[:3]}")
+        for group in ctx.layout.groups:
+            key = f"{ctx.prefix}.{group.name}"
+            if key in scales:
+                fold_scales(ctx.block, group, scales[key])
+                self.records[key] = scales[key]
+        for name in ctx.layout.linears():
+            clip, spec = clips.get(ctx.full_name(name)), ctx.spec(name)
+            if clip is not None and spec is not None:
+                w = ctx.get(name).weight.detach()
+                ctx.quantize(name, *clipped_qparams(w, spec, clip.to(w.device)))
+                self.clips[ctx.full_name(name)] = clip
+            else:
+                ctx.quantize(name)
+
+
+def save_records(algo: Algorithm, path: str | Path) -> Path:
+    """Write ``{"scales": algo.records, "clips": algo.clips}`` (CPU tensors) for ``load_scales``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"scales": {k: v.detach().cpu() for k, v in algo.records.items()},
+            "clips": {k: v.detach().cpu() for k, v in getattr(algo, "clips", {}).items()}}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_records(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Read a record written by ``save_records``."""
+    data = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or set(data) != {"scales", "clips"}:
+        raise ValueError(f"quant.special.load_scales: {path} is not an AWQ record "
+                         f"(expected keys 'scales' and 'clips')")
+    return {"scales": dict(data["scales"]), "clips": dict(data["clips"])}

@@ -1,0 +1,83 @@
+"""The block loop reproduces the real model: chained block outputs equal the model's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmc.algorithms.base import Algorithm, NoOptions
+from llmc.calib import load_samples
+from llmc.config import QuantConfig
+from llmc.data.mme_synth import generate
+from llmc.models import load_adapter
+from llmc.pipeline import capture, catch_block_inputs, process_blocks
+from llmc.quant.resolve import make_resolver
+
+
+class Identity(Algorithm):
+    """Touches nothing: the loop alone must reproduce the float model."""
+
+    name = "identity-test"
+
+    def process_block(self, ctx) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def big_images(tmp_path_factory):
+    # 112 px images: several attention windows per image in Qwen2.5-VL's tiny vision tower
+    return generate(tmp_path_factory.mktemp("big") / "set", "calib", n_images=3, seed=1, size=112)
+
+
+def model_outputs(adapter, part, batch) -> torch.Tensor:
+    blocks = adapter.blocks(part)
+    out = {}
+    h = blocks[-1].register_forward_hook(lambda m, a, o: out.setdefault("x", o if torch.is_tensor(o) else o[0]))
+    try:
+        with torch.no_grad():
+            adapter.model(**batch, use_cache=False)
+    finally:
+        h.remove()
+    return out["x"]
+
+
+@pytest.mark.parametrize("family,mtype", [("qwen2_vl", "qwen2_vl"), ("qwen2_5_vl", "qwen2_5_vl"),
+                                          ("llava_clip_llama", "llava"), ("llava_siglip_qwen2", "llava")])
+def test_chained_blocks_equal_the_model(tiny_model, big_images, family, mtype):
+    adapter = load_adapter(mtype, str(tiny_model(family)), dtype="float32", attn_implementation="eager")
+    batch = adapter.batch_process(load_samples("custom_mm", big_images, 3), max_length=512)
+    algo = Identity(NoOptions(), QuantConfig())
+    resolver = make_resolver(QuantConfig())
+    for part in ("vision", "language"):
+        ref = model_outputs(adapter, part, batch)
+        calls = capture(adapter, part, [batch], torch.device("cpu"))
+        (out,) = process_blocks(adapter, part, calls, algo, resolver, torch.device("cpu"))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen25_full_attention_blocks_get_their_own_kwargs(tiny_model, big_images):
+    adapter = load_adapter("qwen2_5_vl", str(tiny_model("qwen2_5_vl")), dtype="float32")
+    full = adapter.model.config.vision_config.fullatt_block_indexes
+    assert full and 0 not in full
+    batch = adapter.batch_process(load_samples("custom_mm", big_images, 2), max_length=512)
+    (call,) = capture(adapter, "vision", [batch], torch.device("cpu"))
+    windowed = call.kwargs_for(adapter.kwargs_source("vision", 0))["cu_seqlens"]
+    whole = call.kwargs_for(adapter.kwargs_source("vision", full[0]))["cu_seqlens"]
+    assert len(windowed) > len(whole)  # several windows per image vs one sequence per image
+
+
+def test_capture_restores_blocks_on_error(tiny_model):
+    adapter = load_adapter("qwen2_vl", str(tiny_model("qwen2_vl")), dtype="float32")
+    blocks = adapter.blocks("language")
+    before = list(blocks)
+    with pytest.raises(KeyError):
+        with catch_block_inputs(blocks, (0, 1)):
+            raise KeyError("boom")
+    assert all(a is b for a, b in zip(blocks, before))
+
+
+def test_vision_capture_without_images_is_a_clear_error(tiny_model, calib_dir):
+    adapter = load_adapter("qwen2_vl", str(tiny_model("qwen2_vl")), dtype="float32")
+    samples = [s.__class__(question=s.question, answer=s.answer) for s in load_samples("custom_mm", calib_dir, 2)]
+    batch = adapter.batch_process(samples)
+    with pytest.raises(RuntimeError, match="images for vision"):
+        capture(adapter, "vision", [batch], torch.device("cpu"))
