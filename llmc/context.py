@@ -61,6 +61,7 @@ class CachedCall:
     kwargs: dict
     weight: torch.Tensor | None = None
     block_kwargs: dict[int, dict] | None = None  # captured call kwargs by block index (block kinds)
+    extras: dict | None = None  # what the adapter adds between blocks (ModelAdapter.between_blocks)
 
     def with_hidden(self, x: torch.Tensor) -> "CachedCall":
         args, kwargs = with_primary(self.args, self.kwargs, x)

@@ -132,7 +132,8 @@ def capture(adapter: "ModelAdapter", part: str, batches: list[dict[str, torch.Te
     blocks = adapter.blocks(part)
     indices = tuple(sorted({adapter.kwargs_source(part, i) for i in range(len(blocks))}))
     calls: list[CachedCall] = []
-    with front_on_device(adapter.model, blocks, device), catch_block_inputs(blocks, indices) as sinks:
+    with front_on_device(adapter.model, blocks, device), catch_block_inputs(blocks, indices) as sinks, \
+            catch_extras(adapter, part) as extras:
         for batch in batches:
             before = [len(s) for s in sinks]
             try:
@@ -146,8 +147,23 @@ def capture(adapter: "ModelAdapter", part: str, batches: list[dict[str, torch.Te
             args, kwargs = sinks[0][-1]
             w = _language_weight(adapter, batch, args, kwargs, weights, device) if part == "language" else None
             by_block = {i: _no_cache(s[-1][1]) for i, s in zip(indices, sinks)}
-            calls.append(CachedCall(args, by_block[0], w, by_block))
+            calls.append(CachedCall(args, by_block[0], w, by_block, extras.pop() if extras else None))
     return calls
+
+
+@contextmanager
+def catch_extras(adapter: "ModelAdapter", part: str) -> Iterator[list[dict]]:
+    """Record ``adapter.capture_extras`` of each call of the adapter's ``extras_module`` (language only)."""
+    found: list[dict] = []
+    if part != "language" or adapter.extras_module is None:
+        yield found
+        return
+    handle = adapter.module(adapter.extras_module).register_forward_pre_hook(
+        lambda mod, args, kwargs: found.append(adapter.capture_extras(kwargs)), with_kwargs=True)
+    try:
+        yield found
+    finally:
+        handle.remove()
 
 
 def _no_cache(kwargs: dict) -> dict:
@@ -172,7 +188,7 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
                            device=device, resolver=resolver, act_bits=act_bits)
         algorithm.process_block(ctx)
         outs = ctx.run()
-        calls = [c.with_hidden(o) for c, o in zip(calls, outs)]
+        calls = [c.with_hidden(adapter.between_blocks(part, i, o, c.extras)) for c, o in zip(calls, outs)]
         if device.type != "cpu":
             block.to("cpu")
         logger.debug(f"{part} block {i}: done")

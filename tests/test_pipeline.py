@@ -29,9 +29,14 @@ def big_images(tmp_path_factory):
 
 
 def model_outputs(adapter, part, batch) -> torch.Tensor:
-    blocks = adapter.blocks(part)
+    """The vision tower's last block output; the language model's final hidden state (after any
+    addition that follows the last block, e.g. deepstack), i.e. the final norm's input."""
     out = {}
-    h = blocks[-1].register_forward_hook(lambda m, a, o: out.setdefault("x", o if torch.is_tensor(o) else o[0]))
+    if part == "language":
+        h = adapter.final_norm().register_forward_pre_hook(lambda m, a: out.setdefault("x", a[0]))
+    else:
+        h = adapter.blocks(part)[-1].register_forward_hook(
+            lambda m, a, o: out.setdefault("x", o if torch.is_tensor(o) else o[0]))
     try:
         with torch.no_grad():
             adapter.model(**batch, use_cache=False)
@@ -41,7 +46,9 @@ def model_outputs(adapter, part, batch) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family,mtype", [("qwen2_vl", "qwen2_vl"), ("qwen2_5_vl", "qwen2_5_vl"),
-                                          ("llava_clip_llama", "llava"), ("llava_siglip_qwen2", "llava")])
+                                          ("llava_clip_llama", "llava"), ("llava_siglip_qwen2", "llava"),
+                                          ("qwen3_vl", "qwen3_vl"), ("internvl", "internvl"),
+                                          ("idefics3", "idefics3"), ("gemma3", "gemma3")])
 def test_chained_blocks_equal_the_model(tiny_model, big_images, family, mtype):
     adapter = load_adapter(mtype, str(tiny_model(family)), dtype="float32", attn_implementation="eager")
     batch = adapter.batch_process(load_samples("custom_mm", big_images, 3), max_length=512)

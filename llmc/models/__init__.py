@@ -1,7 +1,8 @@
 """Model adapters: one per family, selected by ``model.type``."""
 from __future__ import annotations
 
-from llmc.models import causal_lm, llava, qwen_vl  # noqa: F401  (registration)
+from llmc.models import (  # noqa: F401  (registration)
+    causal_lm, gemma3, idefics3, internvl, llava, llava_next, qwen3_vl, qwen_vl)
 from llmc.models.base import ModelAdapter
 from llmc.models.layout import BlockLayout, LayerGroup, ModelParts, Producer, RotationTargets
 from llmc.models.registry import adapter_class, register_adapter, valid_types

@@ -109,20 +109,41 @@ class ModelAdapter(ABC):
     def rotation_targets(self) -> RotationTargets:
         """Writers into the language residual stream from outside its blocks."""
 
-    def kwargs_source(self, part: str, index: int) -> int:
-        """The block whose captured call kwargs block ``index`` runs with.
+    def block_kind(self, part: str, index: int) -> Any:
+        """Blocks of one kind are called with the same kwargs (masks, rotary tables).
 
-        Blocks of one kind share kwargs (masks, rotary tables); by default the kind
-        is the block's ``attention_type`` (sliding vs full attention), so each
-        kind's first block is captured.
+        Default: the text config's ``layer_types`` (sliding vs full attention) for
+        language blocks, else the block's ``attention_type`` attribute.
         """
-        blocks = self.blocks(part)
-        kind = getattr(blocks[index], "attention_type", None)
-        return next(j for j, b in enumerate(blocks) if getattr(b, "attention_type", None) == kind)
+        if part == "language":
+            cfg = getattr(self.model.config, "text_config", None) or self.model.config
+            types = getattr(cfg, "layer_types", None)
+            if types:
+                return types[index]
+        return getattr(self.blocks(part)[index], "attention_type", None)
+
+    def kwargs_source(self, part: str, index: int) -> int:
+        """The block whose captured call kwargs block ``index`` runs with: its kind's first block."""
+        kind = self.block_kind(part, index)
+        return next(j for j in range(len(self.blocks(part))) if self.block_kind(part, j) == kind)
 
     def block_call_kwargs(self, part: str, index: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Last adjustment of block ``index``'s call kwargs (default: as captured)."""
         return kwargs
+
+    # Models that add into the residual stream between blocks (Qwen3-VL's deepstack) name the
+    # module whose call kwargs carry what is added, and say how to add it.
+    extras_module: ClassVar[str | None] = None
+
+    @staticmethod
+    def capture_extras(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """What ``between_blocks`` needs, read from ``extras_module``'s call kwargs (default: nothing)."""
+        return {}
+
+    @staticmethod
+    def between_blocks(part: str, index: int, hidden: torch.Tensor, extras: dict[str, Any] | None) -> torch.Tensor:
+        """Output of block ``index`` -> input of block ``index + 1`` (default: unchanged)."""
+        return hidden
 
     # ------------------------------------------------------------------ inputs
     def image_token_id(self) -> int | None:

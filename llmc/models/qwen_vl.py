@@ -47,10 +47,9 @@ class Qwen25VLAdapter(Qwen2VLAdapter):
     vision_mlp = ("gate_proj", "up_proj", "down_proj")
     vision_gated = True
 
-    def kwargs_source(self, part: str, index: int) -> int:
+    def block_kind(self, part: str, index: int) -> object:
         # Vision blocks in `fullatt_block_indexes` attend over whole images, the others over windows:
-        # their `cu_seqlens` differ, so each kind is captured from its own first block.
+        # their `cu_seqlens` differ.
         if part != "vision":
-            return super().kwargs_source(part, index)
-        full = set(self.model.config.vision_config.fullatt_block_indexes)
-        return next(j for j in range(len(self.blocks(part))) if (j in full) == (index in full))
+            return super().block_kind(part, index)
+        return index in self.model.config.vision_config.fullatt_block_indexes

@@ -206,8 +206,8 @@ _BUILDERS: dict[str, Callable[[], tuple[Any, Any, PreTrainedTokenizerBase]]] = {
 
 # -------------------------------------------------------------------------------------- public API
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny model family {family!r}; valid families: {', '.join(FAMILIES)}")
+    if family not in _BUILDERS:  # FAMILIES + the families registered by llmc.testing.tiny_more
+        raise ValueError(f"unknown tiny model family {family!r}; valid families: {', '.join(_BUILDERS)}")
 
 
 def _write(family: str, folder: Path, seed: int) -> None:
@@ -285,3 +285,8 @@ def tiny_image(path: str | Path, size: tuple[int, int] = (56, 56), seed: int = 0
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, format="PNG")
     return path
+
+
+# More VLM families live in llmc.testing.tiny_more, which adds its builders to _BUILDERS on import
+# (FAMILIES keeps the original list; tiny_more.ALL_FAMILIES is the union).
+import llmc.testing.tiny_more  # noqa: E402,F401

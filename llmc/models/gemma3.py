@@ -1,0 +1,87 @@
+"""Gemma 3 (HF ``Gemma3ForConditionalGeneration``): SigLIP tower, pooled projector, Gemma3 text.
+
+Language blocks are "sandwich" blocks::
+
+    h = h + post_attention_layernorm(o_proj(attn(input_layernorm(h))))
+    h = h + post_feedforward_layernorm(down(mlp(pre_feedforward_layernorm(h))))
+
+All four norms are RMSNorms scaling by ``(1 + weight)`` (``Producer.weight_offset = 1.0``,
+``RotationTargets.norm_weight_offset = 1.0``); the readers' producers are ``input_layernorm``
+and ``pre_feedforward_layernorm``. The embedding multiplies by ``sqrt(hidden)`` (a scalar: it
+commutes with any rotation). The projector is ``mm_soft_emb_norm`` (RMSNorm, 1 + w) then
+``x @ mm_input_projection_weight``: a raw ``[vision_hidden, text_hidden]`` Parameter, not a Linear.
+
+Rotation (QuaRot-style) is refused, for two reasons that need shared changes:
+
+1. ``o_proj``/``down_proj`` are followed by ``post_*_layernorm`` *before* the residual add, so
+   rotating their output rows is not exact (``diag(1 + w) y / rms(y)`` does not commute with
+   ``Q``); the exact transform needs an online ``Q^T`` after each post-norm (or the post-norm
+   replaced by "RMSNorm, then Q^T"). A ``BlockLayout.writer_norms`` field would say so.
+2. The projector's writer is a raw weight used as ``x @ W`` (``[in, out]``), rotated with
+   ``W := W Q`` (a Linear's ``[out, in]`` weight gets ``W := Q^T W``); ``RotationTargets``
+   needs e.g. ``external_weights: tuple[tuple[str, Literal["in_out", "out_in"]], ...]``.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from llmc.calib.sample import Sample
+from llmc.models.base import ModelAdapter
+from llmc.models.common import decoder_layout
+from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.registry import register_adapter
+from llmc.models.unsupported import RotationUnsupported
+
+PROJECTOR_WEIGHT = "model.multi_modal_projector.mm_input_projection_weight"  # [in, out]: y = x @ W
+
+
+@register_adapter
+class Gemma3Adapter(ModelAdapter):
+    model_type = "gemma3"
+    aliases = ("Gemma3",)
+    parts = ModelParts(
+        language_blocks="model.language_model.layers",
+        embed_tokens="model.language_model.embed_tokens",
+        final_norm="model.language_model.norm",
+        lm_head="lm_head",
+        vision_tower="model.vision_tower",
+        vision_blocks="model.vision_tower.encoder.layers",
+        projector="model.multi_modal_projector",
+    )
+    norm_offset = 1.0
+    writer_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for candidate in ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"):
+            try:
+                self.model.get_submodule(candidate)
+            except AttributeError:
+                continue
+            self.parts = replace(self.parts, vision_blocks=candidate)
+            break
+
+    def language_layout(self, block: nn.Module) -> BlockLayout:
+        return decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=self.norm_offset)
+
+    def vision_layout(self, block: nn.Module) -> BlockLayout:
+        return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
+                              names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
+
+    def rotation_targets(self) -> RotationTargets:
+        raise RotationUnsupported(
+            f"{self.model_type}: rotation is not supported: {list(self.writer_norms)} normalise the attention/MLP "
+            f"outputs before the residual add (an online rotation after them is needed), and the projector "
+            f"writes through the raw weight {PROJECTOR_WEIGHT} ([in, out], rotate as W := W Q)")
+
+    def encode(self, sample: Sample, with_answer: bool, chat_template: bool = True) -> dict[str, torch.Tensor]:
+        """As the base, but the chat template already starts with ``<bos>``: add no second one."""
+        text = self.prompt_text(sample, with_answer, chat_template)
+        images = [Image.open(p).convert("RGB") for p in sample.images]
+        kwargs = {"images": images} if images else {}
+        return dict(self.processor(text=[text], return_tensors="pt", add_special_tokens=not chat_template, **kwargs))

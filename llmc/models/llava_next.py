@@ -1,0 +1,42 @@
+"""LLaVA-NeXT (1.6) and LLaVA-OneVision: LLaVA with anyres image tiling and an ``image_newline``.
+
+Same parts as :class:`~llmc.models.llava.LlavaAdapter` (CLIP/SigLIP tower, ``linear_1 -> act ->
+linear_2`` projector, any decoder). Each image is cut into a grid of tiles (``image_grid_pinpoints``)
+plus a base view, so image-token counts vary per sample with the image size, and
+``pixel_values`` is ``[batch, tiles, 3, H, W]`` (per-sample tile counts differ for different sizes).
+
+``model.image_newline`` is a raw ``[hidden]`` Parameter inserted as an *embedding* after each row
+of tile features: it lands in the language residual stream and must be rotated like an
+embedding row (``v := v Q``). ``RotationTargets`` has no slot for raw weights yet, so
+``rotation_targets`` refuses rather than produce a silently wrong model; with a field such as
+``external_weights=(("model.image_newline", "row"),)`` the targets below become complete.
+"""
+from __future__ import annotations
+
+from llmc.models.layout import RotationTargets
+from llmc.models.llava import LlavaAdapter
+from llmc.models.registry import register_adapter
+from llmc.models.unsupported import RotationUnsupported
+
+IMAGE_NEWLINE = "model.image_newline"
+
+
+@register_adapter
+class LlavaNextAdapter(LlavaAdapter):
+    model_type = "llava_next"
+    aliases = ("LlavaNext", "llava-1.6")
+
+    def partial_rotation_targets(self) -> RotationTargets:
+        """Everything but the raw ``image_newline`` vector (which also needs ``v := v Q``)."""
+        return super().rotation_targets()
+
+    def rotation_targets(self) -> RotationTargets:
+        raise RotationUnsupported(
+            f"{self.model_type}: rotation is not supported: {IMAGE_NEWLINE} is a raw [hidden] Parameter written "
+            f"into the residual stream (rotate as v := v Q); RotationTargets cannot name raw weights yet")
+
+
+@register_adapter
+class LlavaOnevisionAdapter(LlavaNextAdapter):
+    model_type = "llava_onevision"
+    aliases = ("LlavaOnevision",)
