@@ -59,10 +59,11 @@ def calibration_batches(cfg: LLMCConfig, adapter: ModelAdapter) -> list[dict[str
 
 
 def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
-                   state_dir: Path | None = None) -> dict[str, str]:
+                   state_dir: Path | None = None, batches: list[dict] | None = None) -> dict[str, str]:
     """Apply ``quant.method`` to the parts in ``quant_objects``; returns layer -> spec summary.
 
     With ``state_dir``, each algorithm writes its replayable state there (AWQ's scales).
+    ``batches`` (model inputs) replace ``calib`` when given.
     """
     algos = build_algorithms(cfg.quant)
     parts = [p for p in ("vision", "language") if p in cfg.quant.quant_objects]
@@ -75,7 +76,10 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
     for algo in algos:
         algo.prepare_model(adapter, device)
     quantizer = algos[-1]
-    batches = calibration_batches(cfg, adapter) if quantizer.needs_calib else []
+    if not quantizer.needs_calib:
+        batches = []
+    elif batches is None:
+        batches = calibration_batches(cfg, adapter)
     act_bits = cfg.quant.act.bit if cfg.quant.act is not None else None
     for part in parts:
         t0 = time.time()
