@@ -243,9 +243,9 @@ def _run_cli(job: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     seen = {}
     orig = runner.quantize_model
 
-    def spy(cfg, adapter, device):
+    def spy(cfg, adapter, device, **kw):
         seen["adapter"] = adapter
-        return orig(cfg, adapter, device)
+        return orig(cfg, adapter, device, **kw)
 
     monkeypatch.setattr(runner, "quantize_model", spy)
     assert main([str(job)]) == 0

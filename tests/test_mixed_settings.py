@@ -40,9 +40,9 @@ def run(data: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
     caught = {}
     real = runner.quantize_model
 
-    def spy(cfg, adapter, device):
+    def spy(cfg, adapter, device, **kw):
         caught["model"] = adapter.model
-        return real(cfg, adapter, device)
+        return real(cfg, adapter, device, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner, "quantize_model", spy)

@@ -53,8 +53,20 @@ class FakeQuantLinear(nn.Linear):
         return fq
 
     def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized (dequantized) weight, in the weight's dtype."""
-        return fake_quantize(self.weight, self.scale, self.zero, self.spec, self.g_idx)
+        """The fake-quantized (dequantized) weight, in the weight's dtype.
+
+        Cached until the weight (or its quantization parameters) change: the
+        key holds the tensors' identities and in-place version counters.
+        """
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device,
+               id(self.scale), self.scale._version, id(self.zero), self.zero._version)
+        cached = getattr(self, "_fq_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                wq = fake_quantize(self.weight, self.scale, self.zero, self.spec, self.g_idx)
+            object.__setattr__(self, "_fq_cache", (key, wq))
+            return wq
+        return cached[1]
 
     def int_weight(self) -> torch.Tensor:
         """Integer weight ``[out, in]`` (int32) for exporters."""

@@ -92,11 +92,19 @@ def compute_qparams(
     return scale, zero
 
 
-def _expand(p: torch.Tensor, in_f: int, g_idx: torch.Tensor | None) -> torch.Tensor:
-    """``[out, G] -> [out, in]``: the parameter of every input channel."""
+def _per_channel_params(p: torch.Tensor, in_f: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """``[out, G]`` -> a view broadcastable against the grouped weight.
+
+    Contiguous groups: ``[out, G, 1]`` against ``[out, G, gl]`` (no copy).
+    ``g_idx``: ``[out, in]`` gathered per input channel.
+    """
     if g_idx is not None:
         return p[:, g_idx]
-    return p.repeat_interleave(in_f // p.shape[1], dim=1)
+    return p.unsqueeze(-1)
+
+
+def _grouped(w: torch.Tensor, n_groups: int, g_idx: torch.Tensor | None) -> torch.Tensor:
+    return w if g_idx is not None else w.reshape(w.shape[0], n_groups, w.shape[1] // n_groups)
 
 
 def quantize(
@@ -111,9 +119,12 @@ def quantize(
     ``g_idx`` (``[in]``, long) maps input channels to groups when they are not
     contiguous (GPTQ with activation order).
     """
-    s, z = _expand(scale.float(), w.shape[1], g_idx), _expand(zero.float(), w.shape[1], g_idx)
+    in_f = w.shape[1]
+    s = _per_channel_params(scale.float(), in_f, g_idx)
+    z = _per_channel_params(zero.float(), in_f, g_idx)
     qmin, qmax = qrange(spec.bits, spec.symmetric)
-    return torch.clamp(torch.round(w.float() / s) + z, qmin, qmax).to(torch.int32)
+    q = torch.clamp(torch.round(_grouped(w.float(), scale.shape[1], g_idx) / s) + z, qmin, qmax)
+    return q.reshape(w.shape).to(torch.int32)
 
 
 def dequantize(
@@ -124,8 +135,10 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Integer ``[out, in]`` -> float ``[out, in]``: ``(q - z) * s``."""
-    s, z = _expand(scale.float(), q.shape[1], g_idx), _expand(zero.float(), q.shape[1], g_idx)
-    return ((q.float() - z) * s).to(dtype)
+    in_f = q.shape[1]
+    s = _per_channel_params(scale.float(), in_f, g_idx)
+    z = _per_channel_params(zero.float(), in_f, g_idx)
+    return ((_grouped(q.float(), scale.shape[1], g_idx) - z) * s).reshape(q.shape).to(dtype)
 
 
 def fake_quantize(
