@@ -168,9 +168,23 @@ class QuantConfig:
 
 @dataclass
 class SaveConfig:
+    """What to write under ``save_path``: float folders and real-quant formats (see docs/export_*.md)."""
+
     save_path: str
     save_trans: bool = False
     save_fake: bool = False
+    save_vllm: bool = False
+    save_sgl: bool = False
+    save_autoawq: bool = False
+    save_gptq: bool = False
+    tpu_check: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tpu_check and not self.save_trans:
+            raise ConfigError("save.tpu_check: checks the transformed float export; set save.save_trans: true too")
+
+    def real_quant_keys(self) -> list[str]:
+        return [k for k in ("save_vllm", "save_sgl", "save_autoawq", "save_gptq") if getattr(self, k)]
 
 
 @dataclass

@@ -17,10 +17,13 @@ from llmc.calib import batches as make_batches
 from llmc.calib import load_samples
 from llmc.config import ConfigError, LLMCConfig
 from llmc.export.atomic import atomic_dir
+from llmc.context import SpecResolver
+from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan, export_trans
 from llmc.export.hf import save_hf_folder
 from llmc.models import ModelAdapter, load_adapter
 from llmc.pipeline import capture, process_blocks, resolve_device
 from llmc.quant.fake_linear import FakeQuantLinear
+from llmc.quant.primitives import QuantSpec
 from llmc.quant.resolve import check_layers, make_resolver
 
 LOG_NAME = "llmc.log"
@@ -58,6 +61,17 @@ def calibration_batches(cfg: LLMCConfig, adapter: ModelAdapter) -> list[dict[str
                                   max_length=c.seq_len) for g in groups]
 
 
+def plan_layers(cfg: LLMCConfig, adapter: ModelAdapter) -> tuple[list[str], SpecResolver, dict[str, QuantSpec]]:
+    """The parts to quantize, the spec resolver and every block linear's spec, checked up front."""
+    parts = [p for p in ("vision", "language") if p in cfg.quant.quant_objects]
+    for p in parts:
+        if p not in adapter.available_parts():
+            raise ConfigError(f"quant.quant_objects: {adapter.model_type} has no {p} part; "
+                              f"valid: {adapter.available_parts()}")
+    resolver = make_resolver(cfg.quant, adapter.default_skip)
+    return parts, resolver, check_layers(adapter, parts, resolver)
+
+
 def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
                    state_dir: Path | None = None, batches: list[dict] | None = None) -> dict[str, str]:
     """Apply ``quant.method`` to the parts in ``quant_objects``; returns layer -> spec summary.
@@ -66,13 +80,7 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
     ``batches`` (model inputs) replace ``calib`` when given.
     """
     algos = build_algorithms(cfg.quant)
-    parts = [p for p in ("vision", "language") if p in cfg.quant.quant_objects]
-    for p in parts:
-        if p not in adapter.available_parts():
-            raise ConfigError(f"quant.quant_objects: {adapter.model_type} has no {p} part; "
-                              f"valid: {adapter.available_parts()}")
-    resolver = make_resolver(cfg.quant, adapter.default_skip)
-    check_layers(adapter, parts, resolver)
+    parts, resolver, _ = plan_layers(cfg, adapter)
     for algo in algos:
         algo.prepare_model(adapter, device)
     quantizer = algos[-1]
@@ -100,18 +108,27 @@ def _run(cfg: LLMCConfig, out: Path) -> None:
     logger.info(f"llmc: model {cfg.model.type} from {cfg.model.path} on {device}")
     adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
                            cfg.model.trust_remote_code)
+    _, _, specs = plan_layers(cfg, adapter)
+    act_bits = cfg.quant.act.bit if cfg.quant.act is not None else None
+    keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
+    check_save_plan(keys, {n: (s, act_bits) for n, s in specs.items()}, adapter.parts.vision_tower)
     layers = quantize_model(cfg, adapter, device, state_dir=out)
     logger.info(f"quantized {len(layers)} linear layers")
     (out / "quant_layers.json").write_text(json.dumps(layers, indent=1))
+    save_outputs(cfg, adapter, out)
+
+
+def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, out: Path) -> None:
+    """Every folder ``save`` asks for, each written whole or not at all."""
     if cfg.save.save_trans:
-        for m in adapter.model.modules():
-            if isinstance(m, FakeQuantLinear):
-                m.enabled = False
-        save_hf_folder(adapter, out / "trans", fake=False)
-        logger.info(f"saved transformed float model to {out / 'trans'}")
+        export_trans(adapter, out / "trans", tpu_check=cfg.save.tpu_check)
+        logger.info(f"saved transformed float model to {cfg.save.save_path}/trans")
     if cfg.save.save_fake:
         save_hf_folder(adapter, out / "fake", fake=True)
-        logger.info(f"saved fake-quant model to {out / 'fake'}")
+        logger.info(f"saved fake-quant model to {cfg.save.save_path}/fake")
+    for key in cfg.save.real_quant_keys():
+        EXPORTERS[key](adapter, out / FOLDERS[key])
+        logger.info(f"{key}: saved {cfg.save.save_path}/{FOLDERS[key]}")
 
 
 def run_job(cfg: LLMCConfig, overwrite: bool = False) -> Path:

@@ -104,3 +104,36 @@ def test_other_families_run(tmp_path, tiny_model, calib_dir, family, mtype):
     layers = quantize_model(parse_config(cfg), adapter, torch.device("cpu"))
     # 2 language blocks x 7 linears, plus 2 CLIP layers x 6 linears for LLaVA
     assert len(layers) == {"llava": 26, "qwen2": 14}[mtype]
+
+
+def test_cli_writes_every_real_quant_format(tmp_path, tiny_model, calib_dir):
+    from llmc.export.compressed import load_real_quant
+
+    cfg = rtn_config(tiny_model("qwen2_vl"), calib_dir, tmp_path / "out")
+    cfg["save"].update(save_vllm=True, save_sgl=True, save_autoawq=True, save_gptq=True, tpu_check=True)
+    f = tmp_path / "job.yml"
+    f.write_text(yaml.safe_dump(cfg))
+    run = subprocess.run([sys.executable, "-m", "llmc", str(f)], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "out"
+    for folder in ("vllm", "sgl", "autoawq", "gptq", "trans", "fake"):
+        assert (out / folder / "config.json").is_file(), folder
+    assert (out / "trans" / "llmc_quant_layers.json").is_file()
+    fake = AutoModelForImageTextToText.from_pretrained(out / "fake", dtype=torch.float32)
+    real = load_real_quant(out / "vllm", dtype=torch.float32)
+    adapter = load_adapter("qwen2_vl", str(tiny_model("qwen2_vl")), dtype="float32")
+    batch = adapter.batch_process(load_samples("custom_mm", calib_dir, 2), max_length=256)
+    torch.testing.assert_close(logits_of(real, batch), logits_of(fake, batch), atol=1e-4, rtol=1e-4)
+
+
+def test_unexportable_plan_fails_before_quantizing(tmp_path, tiny_model, calib_dir):
+    cfg = rtn_config(tiny_model("qwen2_vl"), calib_dir, tmp_path / "out", )
+    cfg["quant"]["weight"]["bit"] = 3
+    cfg["save"].update(save_trans=True, tpu_check=True)
+    f = tmp_path / "job.yml"
+    f.write_text(yaml.safe_dump(cfg))
+    run = subprocess.run([sys.executable, "-m", "llmc", str(f)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode != 0 and "tpu" in run.stderr.lower()
+    assert not (tmp_path / "out").exists()
+    assert "quantized" not in (tmp_path / "out.failed.log").read_text()

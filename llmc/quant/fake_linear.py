@@ -59,7 +59,8 @@ class FakeQuantLinear(nn.Linear):
         key holds the tensors' identities and in-place version counters.
         """
         key = (self.weight.data_ptr(), self.weight._version, self.weight.dtype, self.weight.device,
-               id(self.scale), self.scale._version, id(self.zero), self.zero._version)
+               id(self.scale), self.scale._version, id(self.zero), self.zero._version,
+               id(self.g_idx), None if self.g_idx is None else self.g_idx._version)
         cached = getattr(self, "_fq_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():

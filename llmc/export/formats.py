@@ -1,0 +1,62 @@
+"""Real-quant exporters by ``save.*`` key: ``EXPORTERS[key](adapter, out_dir) -> Path``.
+
+The runner writes ``save_path/<folder>`` for every key set to true:
+
+=============  ==========  =========================================================
+key            folder      format
+=============  ==========  =========================================================
+save_vllm      vllm        compressed-tensors (pack-quantized / int-quantized)
+save_sgl       sgl         compressed-tensors (same files; SGLang reads them)
+save_autoawq   autoawq     AutoAWQ GEMM (w4 asymmetric per-group only)
+save_gptq      gptq        GPTQ v1 (``checkpoint_format: gptq``)
+=============  ==========  =========================================================
+
+``save_trans`` (with ``save.tpu_check``) is :func:`llmc.export.trans_tpu.export_trans`.
+:func:`check_save_plan` runs the formats' refusals on the resolved layer specs
+*before* quantization, so a job that cannot be exported fails in seconds.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from llmc.export.awq_gemm import check_awq_plan, export_autoawq
+from llmc.export.compressed import export_compressed_tensors, export_sgl, export_vllm, load_real_quant
+from llmc.export.gptq_pack import check_gptq_plan, export_gptq
+from llmc.export.packing import Plan
+from llmc.export.trans_tpu import check_tpu_plan, export_trans
+
+if TYPE_CHECKING:
+    from llmc.models.base import ModelAdapter
+
+Exporter = Callable[["ModelAdapter", "str | Path"], Path]
+
+EXPORTERS: dict[str, Exporter] = {
+    "save_vllm": export_vllm,
+    "save_sgl": export_sgl,
+    "save_autoawq": export_autoawq,
+    "save_gptq": export_gptq,
+}
+FOLDERS: dict[str, str] = {"save_vllm": "vllm", "save_sgl": "sgl", "save_autoawq": "autoawq", "save_gptq": "gptq"}
+
+PRECHECKS: dict[str, Callable[..., object]] = {
+    "save_autoawq": lambda plan, vision: check_awq_plan(plan),
+    "save_gptq": lambda plan, vision: check_gptq_plan(plan),
+    "tpu_check": check_tpu_plan,
+}
+
+
+def check_save_plan(keys: Iterable[str], plan: Plan, vision_prefix: str | None = None) -> None:
+    """Raise the format's clear error now if a requested ``save.*`` key cannot hold ``plan``.
+
+    ``plan``: layer name -> ``(QuantSpec, act_bits)``, e.g. from
+    ``llmc.quant.resolve.check_layers`` before quantizing; ``vision_prefix``:
+    ``adapter.parts.vision_tower``.
+    """
+    for key in keys:
+        if key in PRECHECKS:
+            PRECHECKS[key](plan, vision_prefix)
+
+
+__all__ = ["EXPORTERS", "FOLDERS", "PRECHECKS", "check_save_plan", "export_autoawq", "export_compressed_tensors",
+           "export_gptq", "export_sgl", "export_trans", "export_vllm", "load_real_quant"]
