@@ -15,5 +15,9 @@ setup(
         "export": ["compressed-tensors==0.20.0"],
         "dev": ["pytest"],
     },
-    entry_points={"console_scripts": ["llmc=llmc.cli:main"]},
+    entry_points={
+        "console_scripts": ["llmc=llmc.cli:main"],
+        # `python -m lmms_eval --model llmc --model_args pretrained=SAVED_DIR ...`
+        "lmms_eval.models": ["llmc = llmc.eval.lmms_wrapper:lmms_manifest"],
+    },
 )

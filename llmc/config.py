@@ -71,6 +71,20 @@ class EvalConfig:
     limit: int | None = None
     fidelity_samples: int = 16
 
+    def __post_init__(self) -> None:
+        valid = ("pretrain", "transformed", "fake_quant", "real_quant")
+        for pos in self.eval_pos:
+            if pos not in valid:
+                raise ConfigError(f"eval.eval_pos: {pos!r} is not valid{suggest(pos, valid)}; valid: {list(valid)}")
+        if self.bs < 1 or self.max_new_tokens < 1:
+            raise ConfigError(f"eval.bs ({self.bs}) and eval.max_new_tokens ({self.max_new_tokens}) must be >= 1")
+        if self.fidelity_samples < 0 or (self.limit is not None and self.limit < 2):
+            raise ConfigError("eval.fidelity_samples must be >= 0 and eval.limit >= 2 (whole yes/no pairs)")
+        names = [self.name] if isinstance(self.name, str) else self.name
+        if "mme" in names and self.path is None:
+            raise ConfigError("eval.name: mme reads MME from disk (nothing is downloaded); set eval.path to a "
+                              "folder of MME parquet files or a datasets folder")
+
 
 @dataclass
 class WeightConfig:
@@ -204,6 +218,12 @@ class LLMCConfig:
     run: RunConfig = field(default_factory=RunConfig)
     source: Path | None = None
 
+    def __post_init__(self) -> None:
+        if self.eval is not None and "real_quant" in self.eval.eval_pos and not (self.save.save_vllm or
+                                                                               self.save.save_sgl):
+            raise ConfigError("eval.eval_pos: real_quant evaluates the compressed-tensors export reloaded from "
+                              "disk; set save.save_vllm: true (or save_sgl)")
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
@@ -234,6 +254,8 @@ def parse_config(data: Any, root: Path | None = None, source: Path | None = None
         cfg.calib.path = _resolve(cfg.calib.path, root)
     if cfg.eval is not None:
         cfg.eval.path = _resolve(cfg.eval.path, root)
+        if cfg.eval.path is not None and not Path(cfg.eval.path).exists():
+            raise ConfigError(f"eval.path: {cfg.eval.path} does not exist")
     for key in PATH_SPECIAL_KEYS:
         if isinstance(cfg.quant.special.get(key), str):
             cfg.quant.special[key] = _resolve(cfg.quant.special[key], root)

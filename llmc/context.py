@@ -151,8 +151,44 @@ class BlockContext:
         """The hidden-state input of each submodule, per block call."""
         return {n: [primary(a, k) for a, k in calls] for n, calls in self.record_calls(names).items()}
 
-    def weight_of(self, i: int) -> torch.Tensor | None:
-        return self.calls[i].weight
+    def reads_hidden(self, name: str) -> bool:
+        """Does linear ``name`` read the block's token rows (so token weights apply to its input)?"""
+        return all(g.reads_hidden for g in self.layout.groups if name in g.linears)
+
+    def weights_for(self, name: str) -> list[torch.Tensor | None]:
+        """Per-call token weights of linear ``name``'s input rows (None: every row counts)."""
+        keep = self.reads_hidden(name)
+        return [c.weight if keep else None for c in self.calls]
+
+    @torch.no_grad()
+    def stream_inputs(self, names: Sequence[str],
+                      fn: Callable[[str, torch.Tensor, torch.Tensor | None], None]) -> None:
+        """One pass over the calls; ``fn(name, input, token_weight)`` for each call of each linear.
+
+        Statistics (Hessians, maxima) are reduced on the fly, nothing is kept.
+        """
+        names = list(dict.fromkeys(names))
+        current: list[CachedCall | None] = [None]
+        counts = dict.fromkeys(names, 0)
+        keep = {n: self.reads_hidden(n) for n in names}
+
+        def make_hook(n: str):
+            def hook(mod, args, kwargs):
+                counts[n] += 1
+                fn(n, primary(args, kwargs), current[0].weight if keep[n] else None)
+            return hook
+
+        hooks = [self.get(n).register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in names]
+        try:
+            for call in self.calls:
+                current[0] = call
+                self.block(*call.args, **call.kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        for n, c in counts.items():
+            if c != len(self.calls):
+                raise RuntimeError(f"{self.full_name(n)} was called {c} times for {len(self.calls)} block calls")
 
     def quantize(self, name: str, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                  g_idx: torch.Tensor | None = None) -> FakeQuantLinear | None:

@@ -16,6 +16,7 @@ from llmc.algorithms import build_algorithms
 from llmc.calib import batches as make_batches
 from llmc.calib import load_samples
 from llmc.config import ConfigError, LLMCConfig
+from llmc.eval.job import JobEvaluation
 from llmc.export.atomic import atomic_dir
 from llmc.context import SpecResolver
 from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan, export_trans
@@ -112,10 +113,18 @@ def _run(cfg: LLMCConfig, out: Path) -> None:
     act_bits = cfg.quant.act.bit if cfg.quant.act is not None else None
     keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
     check_save_plan(keys, {n: (s, act_bits) for n, s in specs.items()}, adapter.parts.vision_tower)
+    evaluation = JobEvaluation(cfg, adapter, device, out)
+    evaluation.before_quant()
     layers = quantize_model(cfg, adapter, device, state_dir=out)
     logger.info(f"quantized {len(layers)} linear layers")
     (out / "quant_layers.json").write_text(json.dumps(layers, indent=1))
+    evaluation.after_quant()
     save_outputs(cfg, adapter, out)
+    for key in ("save_vllm", "save_sgl"):
+        if getattr(cfg.save, key):
+            evaluation.real_quant(out / FOLDERS[key])
+            break
+    evaluation.finish()
 
 
 def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, out: Path) -> None:

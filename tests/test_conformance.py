@@ -24,21 +24,34 @@ FAMILIES = {  # tiny family -> model.type
     "qwen3_vl": "qwen3_vl",
     "llava_next": "llava_next",
     "llava_onevision": "llava_onevision",
+    "mllama": "mllama",
+    "paligemma": "paligemma",
+    "mistral3": "mistral3",
+    "vila_tiny": "vila",  # defined outside transformers (examples/vila_tiny)
 }
+# families whose parts model.type auto finds on its own (tests/test_auto_adapter.py: the same as explicit)
+AUTO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_clip_llama", "llava_siglip_qwen2", "internvl", "idefics3",
+                 "llava_next", "llava_onevision", "llama", "qwen2", "vila_tiny")
 # model.type -> why rotation_targets() refuses (the adapter raises a ValueError naming it)
-ROTATION_UNSUPPORTED = {"gemma3": "post_attention_layernorm", "llava_next": "image_newline",
-                        "llava_onevision": "image_newline"}
+ROTATION_UNSUPPORTED: dict[str, str] = {}
+# model.type -> why the Rotation algorithm refuses the (complete) targets: named in its error
+ROTATION_REFUSED = {"gemma3": "post_attention_layernorm"}
+# model types whose projector feeds cross-attention k/v, not the language residual stream
+PROJECTOR_OUTSIDE_RESIDUAL = {"mllama"}
 NEEDS = {"smolvlm": "num2words"}  # family -> package its real processor class requires
 
 
-def _param(family: str):
+def _param(family: str, model_type: str):
     missing = NEEDS.get(family) and importlib.util.find_spec(NEEDS[family]) is None
-    return pytest.param(family, marks=pytest.mark.skipif(bool(missing), reason=f"needs {NEEDS.get(family)}"))
+    return pytest.param((family, model_type), id=family if model_type != "auto" else f"{family}-auto",
+                        marks=pytest.mark.skipif(bool(missing), reason=f"needs {NEEDS.get(family)}"))
 
 
-@pytest.fixture(scope="module", params=[_param(f) for f in FAMILIES])
+@pytest.fixture(scope="module", params=[_param(f, t) for f, t in FAMILIES.items()]
+                + [_param(f, "auto") for f in AUTO_FAMILIES])
 def adapter(request, tiny_model):
-    return load_adapter(FAMILIES[request.param], str(tiny_model(request.param)), dtype="float32")
+    family, model_type = request.param
+    return load_adapter(model_type, str(tiny_model(family)), dtype="float32")
 
 
 def _size(module: nn.Module) -> int:
@@ -94,14 +107,38 @@ def test_rotation_targets_include_the_projector(adapter):
         assert isinstance(adapter.module(name), nn.Embedding)
     assert adapter.module(t.lm_head).in_features == hidden
     adapter.module(t.final_norm)
-    if adapter.is_vlm:
-        assert t.external_writers, "the projector's last linear writes into the residual stream"
-        outside = [adapter.projector(), adapter.vision_tower()]  # deepstack mergers live in the tower
-        for name in t.external_writers:
-            lin = adapter.module(name)
-            assert isinstance(lin, nn.Linear) and lin.out_features == hidden
-            assert any(m is lin for part in outside for m in part.modules()), f"{name} is not a vision-side module"
-        assert any(m is adapter.module(n) for n in t.external_writers for m in adapter.projector().modules())
+    if not adapter.is_vlm:
+        return
+    outside = [adapter.projector(), adapter.vision_tower(), adapter.model]  # raw weights may sit on the model
+    written = []
+    for name in t.external_writers:
+        lin = adapter.module(name)
+        assert isinstance(lin, nn.Linear) and lin.out_features == hidden
+        assert any(m is lin for part in outside[:2] for m in part.modules()), f"{name} is not a vision-side module"
+        written += list(lin.parameters())
+    for name, how in t.external_weights:
+        p = adapter.model.get_parameter(name)
+        assert how in ("in_out", "row") and p.shape[-1] == hidden and p.dim() == (2 if how == "in_out" else 1)
+        written.append(p)
+    in_projector = any(p is q for p in written for q in adapter.projector().parameters())
+    if adapter.model_type in PROJECTOR_OUTSIDE_RESIDUAL:
+        assert not in_projector, "this projector feeds cross-attention k/v, not the residual stream"
+    else:
+        assert in_projector, "the projector's last writer lands in the residual stream"
+
+
+def test_rotation_refusal_comes_from_the_layout(adapter):
+    """Sandwich norms (BlockLayout.writer_norms) make the algorithm refuse, naming the norm."""
+    layouts = [adapter.block_layout("language", b) for b in adapter.blocks("language")]
+    if adapter.model_type not in ROTATION_REFUSED:
+        assert not any(lay.writer_norms for lay in layouts)
+        return
+    from llmc.algorithms.rotation import Rotation
+    from llmc.config import QuantConfig
+
+    assert all(ROTATION_REFUSED[adapter.model_type] in lay.writer_norms for lay in layouts)
+    with pytest.raises(ValueError, match=ROTATION_REFUSED[adapter.model_type]):
+        Rotation(Rotation.Options(), QuantConfig()).prepare_model(adapter, torch.device("cpu"))
 
 
 def test_batch_process_runs_forward_and_generate(adapter, calib_dir):

@@ -48,7 +48,9 @@ def model_outputs(adapter, part, batch) -> torch.Tensor:
 @pytest.mark.parametrize("family,mtype", [("qwen2_vl", "qwen2_vl"), ("qwen2_5_vl", "qwen2_5_vl"),
                                           ("llava_clip_llama", "llava"), ("llava_siglip_qwen2", "llava"),
                                           ("qwen3_vl", "qwen3_vl"), ("internvl", "internvl"),
-                                          ("idefics3", "idefics3"), ("gemma3", "gemma3")])
+                                          ("idefics3", "idefics3"), ("gemma3", "gemma3"),
+                                          ("mllama", "mllama"), ("paligemma", "paligemma"),
+                                          ("mistral3", "mistral3")])
 def test_chained_blocks_equal_the_model(tiny_model, big_images, family, mtype):
     adapter = load_adapter(mtype, str(tiny_model(family)), dtype="float32", attn_implementation="eager")
     batch = adapter.batch_process(load_samples("custom_mm", big_images, 3), max_length=512)

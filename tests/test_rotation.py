@@ -26,13 +26,21 @@ from llmc.quant.hadamard import (
     sylvester_hadamard,
 )
 from llmc.quant.primitives import QuantSpec, rtn_fake_quantize
+from llmc.testing import tiny_more, tiny_more2
 from llmc.testing.tiny_models import FAMILIES, VLM_FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
+MORE_TYPES = {**tiny_more.MODEL_TYPES, **tiny_more2.MODEL_TYPES}
+# families beyond tiny_models.FAMILIES whose rotation is exact (raw-weight writers, cross-attention)
+EXACT_MORE = ("llava_next", "llava_onevision", "mllama", "paligemma", "mistral3")
+
+
 def adapter_type(family: str) -> str:
+    if family in MORE_TYPES:
+        return MORE_TYPES[family]
     return "llava" if family.startswith("llava") else family
 
 
@@ -180,7 +188,7 @@ def test_registration_and_options():
 
 
 # ------------------------------------------------------------------------------- model exactness
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + EXACT_MORE)
 def test_rotated_model_equals_original(family, tiny_model, samples):
     adapter = load(tiny_model, family)
     perturb(adapter)
@@ -202,7 +210,7 @@ def test_rotated_model_equals_original(family, tiny_model, samples):
     lm, emb = adapter.lm_head().weight, adapter.embed_tokens().weight
     assert lm.untyped_storage().data_ptr() != emb.untyped_storage().data_ptr()
     assert not adapter.model.config.tie_word_embeddings
-    norm = adapter.final_norm().weight
+    norm = adapter.final_norm().weight + t.norm_weight_offset  # effective scale: 1 (Gemma: weight 0)
     assert torch.allclose(norm, torch.ones_like(norm))
 
 
@@ -352,3 +360,4 @@ def test_rotation_then_gptq_in_process(tiny_model, samples, calib_dir, tmp_path)
     assert not adapter.model.config.tie_word_embeddings
     err = rel_err(logits(adapter, batch), ref)
     assert 1e-4 < err < 0.5
+

@@ -294,7 +294,7 @@ class AWQ(Algorithm):
     def _scale_group(self, ctx: BlockContext, group: LayerGroup) -> None:
         """Search the group's scales on freshly recorded calls (earlier folds included), then fold them."""
         rec = ctx.record_calls(list(dict.fromkeys([group.inspect, group.input_of])))
-        weights = [c.weight for c in ctx.calls]
+        weights = ctx.weights_for(group.input_of)
         x_mean = weighted_abs_mean([primary(a, k) for a, k in rec[group.input_of]], weights)
         w_mean = None
         if self.options.trans_version == "v1":
@@ -314,11 +314,10 @@ class AWQ(Algorithm):
         if not todo:
             return
         inputs = ctx.inputs([g.input_of for g in todo])
-        weights = [c.weight for c in ctx.calls]
         o = self.options
         ratios = torch.linspace(1.0, 1.0 - o.max_shrink, o.clip_grid)
         for g in todo:
-            x, xw = sample_rows(inputs[g.input_of], weights, o.clip_n_tokens)
+            x, xw = sample_rows(inputs[g.input_of], ctx.weights_for(g.input_of), o.clip_n_tokens)
             for name in g.linears:
                 spec = ctx.spec(name)
                 if name in skip or spec is None:

@@ -194,22 +194,11 @@ class GPTQ(Algorithm):
     def collect(self, ctx: BlockContext, groups: list[LayerGroup]) -> dict[str, HessianStats]:
         """Hessian of each group's input (its linears read the same input), over one pass of the block."""
         stats: dict[str, HessianStats] = {}
-        current: list[torch.Tensor | None] = [None]
-        hooks = []
+        by_input: dict[str, HessianStats] = {}
         for g in groups:
             lin = ctx.get(g.input_of)
-            stats[g.name] = HessianStats(lin.in_features, lin.weight.device)
-
-            def hook(mod, args, _s=stats[g.name]):
-                _s.add_batch(args[0], current[0])
-            hooks.append(lin.register_forward_pre_hook(hook))
-        try:
-            for call in ctx.calls:
-                current[0] = call.weight
-                ctx.block(*call.args, **call.kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+            stats[g.name] = by_input[g.input_of] = HessianStats(lin.in_features, lin.weight.device)
+        ctx.stream_inputs(list(by_input), lambda name, x, w: by_input[name].add_batch(x, w))
         return stats
 
     @torch.no_grad()

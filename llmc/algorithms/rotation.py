@@ -13,8 +13,12 @@ float model computes exactly the same function afterwards:
 3. With ``Q`` the ``hidden x hidden`` rotation (float64 maths, cast back):
    embeddings ``E := E Q``; residual readers ``W := W Q``; residual writers of
    every block and external writers (the projector's last linear)
-   ``W := Q^T W``, ``b := Q^T b``; ``lm_head`` ``W := W Q``. RMSNorm(xQ) =
-   RMSNorm(x) Q once the norm's scale is 1 (mean-centering norms are refused).
+   ``W := Q^T W``, ``b := Q^T b``; raw external weights (``RotationTargets.
+   external_weights``: an ``[in, hidden]`` matrix used as ``x @ W`` or a
+   ``[hidden]`` row inserted as a token) ``W := W Q``; ``lm_head`` ``W := W Q``.
+   RMSNorm(xQ) = RMSNorm(x) Q once the norm's scale is 1 (mean-centering norms
+   are refused, and so are blocks whose writers' outputs pass a norm before
+   the residual add: ``BlockLayout.writer_norms``).
 4. ``rotate_heads``: per attention head, value rows ``W_v := H_g^T W_v``,
    ``b_v := H_g^T b_v`` for kv head ``g`` and output-projection columns
    ``W_o := W_o H_g`` for every query head mapped to ``g`` (grouped-query
@@ -39,7 +43,7 @@ from loguru import logger
 from torch import nn
 
 from llmc.algorithms.base import Algorithm, register_algorithm
-from llmc.models.layout import BlockLayout, Producer, RotationTargets
+from llmc.models.layout import EXTERNAL_WEIGHT_KINDS, BlockLayout, Producer, RotationTargets
 from llmc.quant.hadamard import rotation_matrix
 
 if TYPE_CHECKING:
@@ -94,6 +98,19 @@ def transform_weight(module: nn.Module, device: torch.device, left: torch.Tensor
     weight.copy_(lm @ cols(weight))
     if bias is not None:
         bias.copy_(lm @ bias.detach().to(**f64))
+
+
+@torch.no_grad()
+def rotate_raw_weight(param: torch.Tensor, how: str, q: torch.Tensor, device: torch.device) -> None:
+    """In place, float64 on ``device``: ``W := W Q`` on the last (hidden) axis of a raw Parameter.
+
+    ``how`` is ``"in_out"`` (``[in, hidden]`` used as ``x @ W``) or ``"row"`` (``[hidden]`` token row):
+    the same maths, named for the check of the shape.
+    """
+    if how not in EXTERNAL_WEIGHT_KINDS:
+        raise ValueError(f"external weight kind {how!r}; valid: {list(EXTERNAL_WEIGHT_KINDS)}")
+    w = param.detach().to(device=device, dtype=torch.float64)
+    param.copy_(w @ q.to(device=device, dtype=torch.float64))
 
 
 def norm_params(norm: nn.Module, offset: float) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -199,6 +216,8 @@ class Rotation(Algorithm):
             transform_weight(model.get_submodule(name), device, right=q)
         for name in t.external_writers:
             transform_weight(model.get_submodule(name), device, left=q.T)
+        for name, how in t.external_weights:
+            rotate_raw_weight(model.get_parameter(name), how, q, device)
         heads = []
         for i, (block, layout) in enumerate(zip(blocks, layouts)):
             self._rotate_block(block, layout, q, device)
@@ -207,7 +226,8 @@ class Rotation(Algorithm):
         self.records = {
             "rotate_mode": opts.rotate_mode, "rotation_seed": opts.rotation_seed, "hidden_size": dim,
             "untied_lm_head": untied, "embeddings": list(t.embeddings),
-            "external_writers": list(t.external_writers), "final_norm": t.final_norm, "lm_head": t.lm_head,
+            "external_writers": list(t.external_writers),
+            "external_weights": [list(w) for w in t.external_weights], "final_norm": t.final_norm, "lm_head": t.lm_head,
             "blocks": len(blocks), "heads": heads or None,
         }
         logger.info(f"Rotation: {opts.rotate_mode} {dim}x{dim} (seed {opts.rotation_seed}) on {len(blocks)} "
@@ -220,8 +240,14 @@ class Rotation(Algorithm):
         if len(dims) != 1:
             raise ValueError(f"Rotation: embeddings {list(t.embeddings)} have different widths {sorted(dims)}")
         dim = dims.pop()
+        self._check_external(model, t, dim)
         norms = [(t.final_norm, model.get_submodule(t.final_norm), [model.get_submodule(t.lm_head)])]
         for i, (block, layout) in enumerate(zip(blocks, layouts)):
+            if layout.writer_norms:
+                raise ValueError(f"Rotation: language block {i}: {list(layout.writer_norms)} normalise the residual "
+                                 f"writers' outputs before the residual add, so a rotation of the residual stream "
+                                 f"does not commute with them (it would need an online rotation after each); "
+                                 f"rotation is not supported for this model")
             readers = [g for g in layout.groups if g.producer is not None and g.producer.kind == "norm"]
             if not readers:
                 raise ValueError(f"Rotation: language block {i} has no layer group fed by a norm")
@@ -236,6 +262,18 @@ class Rotation(Algorithm):
             if getattr(norm, "bias", None) is not None and any(c.bias is None for c in consumers):
                 raise ValueError(f"Rotation: norm {name} has a bias but its consumers have none to fold it into")
         return dim
+
+    @staticmethod
+    def _check_external(model: nn.Module, t: RotationTargets, dim: int) -> None:
+        """Raw external weights: known kind, hidden-sized last axis."""
+        for name, how in t.external_weights:
+            if how not in EXTERNAL_WEIGHT_KINDS:
+                raise ValueError(f"Rotation: external weight {name}: kind {how!r}; valid: {list(EXTERNAL_WEIGHT_KINDS)}")
+            shape = tuple(model.get_parameter(name).shape)
+            ok = len(shape) == (2 if how == "in_out" else 1) and shape[-1] == dim
+            if not ok:
+                raise ValueError(f"Rotation: external weight {name} ({how}) has shape {shape}; expected "
+                                 f"{'[in, ' if how == 'in_out' else '['}{dim}]")
 
     def _head_shapes(self, block: nn.Module, layout: BlockLayout, i: int) -> tuple[Producer, str, int, int, int]:
         v, o = attention_value_output(layout)

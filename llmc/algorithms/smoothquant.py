@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from llmc.algorithms.base import Algorithm, register_algorithm
-from llmc.context import BlockContext, flatten_rows, primary
+from llmc.context import BlockContext, flatten_rows
 from llmc.models.layout import LayerGroup
 from llmc.quant.scaling import fold_scales, producer_rows
 from llmc.strict import ConfigError
@@ -100,28 +100,14 @@ def collect_act_max(ctx: BlockContext, names: Sequence[str]) -> dict[str, torch.
     Reduced on the fly (hooks), so no input is kept in memory.
     """
     stats: dict[str, torch.Tensor | None] = {n: None for n in names}
-    counts = {n: 0 for n in names}
-    current: list[torch.Tensor | None] = [None]
 
-    def make_hook(n: str):
-        def hook(mod, args, kwargs):
-            counts[n] += 1
-            m = rows_absmax(primary(args, kwargs), current[0])
-            if m is not None:
-                stats[n] = m.cpu() if stats[n] is None else torch.maximum(stats[n], m.cpu())
-        return hook
+    def reduce(n: str, x: torch.Tensor, w: torch.Tensor | None) -> None:
+        m = rows_absmax(x, w)
+        if m is not None:
+            stats[n] = m.cpu() if stats[n] is None else torch.maximum(stats[n], m.cpu())
 
-    hooks = [ctx.get(n).register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in names]
-    try:
-        for call in ctx.calls:
-            current[0] = call.weight
-            ctx.block(*call.args, **call.kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    ctx.stream_inputs(names, reduce)
     for n in names:
-        if counts[n] != len(ctx.calls):
-            raise RuntimeError(f"{ctx.full_name(n)} was called {counts[n]} times for {len(ctx.calls)} block calls")
         if stats[n] is None:
             raise ValueError(f"{ctx.full_name(n)}: no calibration rows with non-zero weight")
     return stats  # type: ignore[return-value]

@@ -38,6 +38,13 @@ class ModelAdapter(ABC):
         self.model.eval()
         self.processor = self.load_processor()
 
+    def with_model(self, model: nn.Module) -> "ModelAdapter":
+        """The same adapter (processor, layout knowledge) around another model of the family."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.model = model.eval()
+        return other
+
     # ---------------------------------------------------------------- loading
     @classmethod
     def auto_model_class(cls) -> Any:

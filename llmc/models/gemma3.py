@@ -11,15 +11,12 @@ and ``pre_feedforward_layernorm``. The embedding multiplies by ``sqrt(hidden)`` 
 commutes with any rotation). The projector is ``mm_soft_emb_norm`` (RMSNorm, 1 + w) then
 ``x @ mm_input_projection_weight``: a raw ``[vision_hidden, text_hidden]`` Parameter, not a Linear.
 
-Rotation (QuaRot-style) is refused, for two reasons that need shared changes:
-
-1. ``o_proj``/``down_proj`` are followed by ``post_*_layernorm`` *before* the residual add, so
-   rotating their output rows is not exact (``diag(1 + w) y / rms(y)`` does not commute with
-   ``Q``); the exact transform needs an online ``Q^T`` after each post-norm (or the post-norm
-   replaced by "RMSNorm, then Q^T"). A ``BlockLayout.writer_norms`` field would say so.
-2. The projector's writer is a raw weight used as ``x @ W`` (``[in, out]``), rotated with
-   ``W := W Q`` (a Linear's ``[out, in]`` weight gets ``W := Q^T W``); ``RotationTargets``
-   needs e.g. ``external_weights: tuple[tuple[str, Literal["in_out", "out_in"]], ...]``.
+Rotation (QuaRot-style) is refused by the algorithm, not here: ``o_proj``/``down_proj`` are
+followed by ``post_*_layernorm`` *before* the residual add, so rotating their output rows is not
+exact (``diag(1 + w) y / rms(y)`` does not commute with ``Q``; an online ``Q^T`` after each
+post-norm would be needed). The layout says so in ``BlockLayout.writer_norms``. The targets are
+complete otherwise: the projector writes through the raw weight ``mm_input_projection_weight``
+(``[in, out]``, used as ``x @ W``: ``RotationTargets.external_weights`` kind ``"in_out"``).
 """
 from __future__ import annotations
 
@@ -35,7 +32,6 @@ from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
 from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
 from llmc.models.registry import register_adapter
-from llmc.models.unsupported import RotationUnsupported
 
 PROJECTOR_WEIGHT = "model.multi_modal_projector.mm_input_projection_weight"  # [in, out]: y = x @ W
 
@@ -67,17 +63,17 @@ class Gemma3Adapter(ModelAdapter):
             break
 
     def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=self.norm_offset)
+        layout = decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=self.norm_offset)
+        return replace(layout, writer_norms=self.writer_norms)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
                               names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
 
     def rotation_targets(self) -> RotationTargets:
-        raise RotationUnsupported(
-            f"{self.model_type}: rotation is not supported: {list(self.writer_norms)} normalise the attention/MLP "
-            f"outputs before the residual add (an online rotation after them is needed), and the projector "
-            f"writes through the raw weight {PROJECTOR_WEIGHT} ([in, out], rotate as W := W Q)")
+        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=(),
+                               external_weights=((PROJECTOR_WEIGHT, "in_out"),), final_norm=self.parts.final_norm,
+                               lm_head=self.parts.lm_head, norm_weight_offset=self.norm_offset)
 
     def encode(self, sample: Sample, with_answer: bool, chat_template: bool = True) -> dict[str, torch.Tensor]:
         """As the base, but the chat template already starts with ``<bos>``: add no second one."""

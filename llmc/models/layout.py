@@ -12,6 +12,7 @@ from typing import Literal
 ProducerKind = Literal["norm", "linear"]
 Part = Literal["vision", "language"]
 PARTS: tuple[str, ...] = ("vision", "language")
+EXTERNAL_WEIGHT_KINDS: tuple[str, ...] = ("in_out", "row")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ class LayerGroup:
     MLP, or the linears themselves). ``input_of``: the linear whose input is
     cached as the group's input (the first of ``linears``). ``kwargs_from_block``:
     ``inspect`` needs the block's call kwargs (attention masks, rotary
-    embeddings) to run.
+    embeddings) to run. ``reads_hidden`` False: the linears read something
+    other than the block's token stream (cross-attention k/v read the vision
+    features), so per-token weights ``[B, T]`` do not line up with their rows.
     """
 
     name: str
@@ -48,6 +51,7 @@ class LayerGroup:
     inspect: str
     producer: Producer | None = None
     kwargs_from_block: bool = False
+    reads_hidden: bool = True
 
     @property
     def input_of(self) -> str:
@@ -61,6 +65,9 @@ class BlockLayout:
     ``residual_writers``: linears that write into the residual stream (attention
     output and MLP down projection), rotated on their output side.
     ``norms``: the norms that feed residual readers (folded into them by rotation).
+    ``writer_norms``: norms applied to a writer's output *before* the residual
+    add (Gemma's sandwich ``post_attention_layernorm``): a rotation of the
+    residual stream cannot be folded through them.
     ``value``: the op producing the attention values (with its rows when fused)
     and ``attn_output`` the projection consuming them, for head-wise transforms,
     whatever the head grouping; ``head_dim``/``num_heads``/``num_kv_heads`` too.
@@ -69,6 +76,7 @@ class BlockLayout:
     groups: tuple[LayerGroup, ...]
     residual_writers: tuple[str, ...] = ()
     norms: tuple[str, ...] = ()
+    writer_norms: tuple[str, ...] = ()
     value: Producer | None = None
     attn_output: str | None = None
     head_dim: int | None = None
@@ -99,7 +107,11 @@ class RotationTargets:
     ``embeddings``: embedding tables whose rows land in the residual stream.
     ``external_writers``: linears outside the language blocks whose outputs land
     in the residual stream (the projector's last linear; deepstack mergers) and
-    are rotated on their output side. ``final_norm`` is folded into ``lm_head``.
+    are rotated on their output side. ``external_weights``: raw Parameters that
+    write into the residual stream, as ``(path, how)``: ``"in_out"`` for a
+    ``[in, hidden]`` matrix used as ``x @ W`` (rotated ``W := W Q``), ``"row"``
+    for a ``[hidden]`` vector inserted as a token (``v := v Q``).
+    ``final_norm`` is folded into ``lm_head``.
     """
 
     embeddings: tuple[str, ...]
@@ -107,4 +119,5 @@ class RotationTargets:
     final_norm: str
     lm_head: str
     norm_weight_offset: float = 0.0
+    external_weights: tuple[tuple[str, str], ...] = ()
     extra: dict[str, str] = field(default_factory=dict)

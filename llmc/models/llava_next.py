@@ -7,16 +7,15 @@ plus a base view, so image-token counts vary per sample with the image size, and
 
 ``model.image_newline`` is a raw ``[hidden]`` Parameter inserted as an *embedding* after each row
 of tile features: it lands in the language residual stream and must be rotated like an
-embedding row (``v := v Q``). ``RotationTargets`` has no slot for raw weights yet, so
-``rotation_targets`` refuses rather than produce a silently wrong model; with a field such as
-``external_weights=(("model.image_newline", "row"),)`` the targets below become complete.
+embedding row (``v := v Q``): ``RotationTargets.external_weights`` kind ``"row"``.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from llmc.models.layout import RotationTargets
 from llmc.models.llava import LlavaAdapter
 from llmc.models.registry import register_adapter
-from llmc.models.unsupported import RotationUnsupported
 
 IMAGE_NEWLINE = "model.image_newline"
 
@@ -26,14 +25,9 @@ class LlavaNextAdapter(LlavaAdapter):
     model_type = "llava_next"
     aliases = ("LlavaNext", "llava-1.6")
 
-    def partial_rotation_targets(self) -> RotationTargets:
-        """Everything but the raw ``image_newline`` vector (which also needs ``v := v Q``)."""
-        return super().rotation_targets()
-
     def rotation_targets(self) -> RotationTargets:
-        raise RotationUnsupported(
-            f"{self.model_type}: rotation is not supported: {IMAGE_NEWLINE} is a raw [hidden] Parameter written "
-            f"into the residual stream (rotate as v := v Q); RotationTargets cannot name raw weights yet")
+        """LLaVA's targets plus the raw ``image_newline`` row (``v := v Q``)."""
+        return replace(super().rotation_targets(), external_weights=((IMAGE_NEWLINE, "row"),))
 
 
 @register_adapter

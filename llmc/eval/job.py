@@ -1,0 +1,85 @@
+"""Evaluation inside a quantization job: the positions of ``eval.eval_pos``, one report.
+
+``pretrain`` (float model, before any transform), ``transformed`` (transforms applied, fake
+quant off), ``fake_quant`` (fake quant on) and ``real_quant`` (the compressed-tensors export
+reloaded from disk). Fidelity metrics compare each later position with the float model on
+held-out samples (never calibration ones).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+
+from llmc.calib import load_samples
+from llmc.config import LLMCConfig
+from llmc.models.base import ModelAdapter
+from llmc.quant.fake_linear import set_fake_quant
+
+POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
+
+
+class JobEvaluation:
+    """Call ``before_quant()``, quantize, ``after_quant()``, save, ``real_quant(folder)``, ``finish()``."""
+
+    def __init__(self, cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, out: Path) -> None:
+        self.cfg, self.adapter, self.device = cfg, adapter, device
+        self.eval = cfg.eval
+        self.positions = list(self.eval.eval_pos) if self.eval is not None else []
+        self.work = out / "eval"
+        self.results: dict[str, Any] = {}
+        self.reference = None
+
+    def _at(self, position: str, adapter: ModelAdapter) -> None:
+        from llmc.eval.run import evaluate_position
+
+        self.results[position] = evaluate_position(adapter, self.eval, position, self.reference, self.work,
+                                                   self.device)
+
+    def _calibration(self) -> list:
+        c = self.cfg.calib
+        if c is None or c.path is None:
+            return []
+        return load_samples(c.name, c.path, c.n_samples, seed=c.seed if c.seed is not None else self.cfg.base.seed,
+                            shuffle=c.shuffle)
+
+    def before_quant(self) -> None:
+        if not self.positions:
+            return
+        from llmc.eval.run import make_reference
+
+        self.reference = make_reference(self.adapter, self.eval, calibration=self._calibration(),
+                                        work_dir=self.work, device=self.device)
+        if "pretrain" in self.positions:
+            self._at("pretrain", self.adapter)
+
+    def after_quant(self) -> None:
+        if "transformed" in self.positions:
+            set_fake_quant(self.adapter.model, False)
+            try:
+                self._at("transformed", self.adapter)
+            finally:
+                set_fake_quant(self.adapter.model, True)
+        if "fake_quant" in self.positions:
+            self._at("fake_quant", self.adapter)
+
+    def real_quant(self, folder: Path) -> None:
+        if "real_quant" not in self.positions:
+            return
+        from llmc.export.compressed import load_real_quant
+
+        dtype = next(self.adapter.model.parameters()).dtype
+        model = load_real_quant(folder, dtype=dtype, auto_class=self.adapter.auto_model_class())
+        self._at("real_quant", self.adapter.with_model(model))
+        logger.info(f"real_quant: evaluated {folder.name}/ reloaded from disk")
+
+    def finish(self) -> str | None:
+        if not self.results:
+            return None
+        from llmc.eval.report import write_report
+
+        table = write_report(self.results, self.work)
+        logger.info(f"evaluation report: {self.cfg.save.save_path}/eval/report.md\n{table}")
+        return table
