@@ -94,7 +94,7 @@ def test_mme_synth_folder_is_named_mme_synth(mme_data, tmp_path):
 def test_unknown_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="not MME data"):
         data_kind(tmp_path)
-    with pytest.raises(ConfigError, match="local copy"):
+    with pytest.raises(ConfigError, match="nothing is downloaded"):
         evaluate_position(None, EvalConfig(name="mme"), "pretrain")
 
 
