@@ -35,7 +35,7 @@ CPU = torch.device("cpu")
 
 MORE_TYPES = {**tiny_more.MODEL_TYPES, **tiny_more2.MODEL_TYPES}
 # families beyond tiny_models.FAMILIES whose rotation is exact (raw-weight writers, cross-attention)
-EXACT_MORE = ("llava_next", "llava_onevision", "mllama", "paligemma", "mistral3")
+EXACT_MORE = ("llava_next", "llava_onevision", "mllama", "paligemma", "mistral3", "internvl", "idefics3", "qwen3_vl")
 
 
 def adapter_type(family: str) -> str:
