@@ -7,7 +7,8 @@ only ever talk to this surface.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
@@ -16,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from llmc.calib.sample import Sample
+from llmc.models.common import decoder_layout
 from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -29,6 +31,13 @@ class ModelAdapter(ABC):
     parts: ClassVar[ModelParts]
     is_vlm: ClassVar[bool] = True
     default_skip: ClassVar[tuple[str, ...]] = ("lm_head",)
+    # Writers into the language residual stream from outside its blocks (rotation targets):
+    # linears (the projector's last one) and raw weights ((path, "in_out" | "row")).
+    projector_writers: ClassVar[tuple[str, ...]] = ()
+    projector_weights: ClassVar[tuple[tuple[str, str], ...]] = ()
+    norm_offset: ClassVar[float] = 0.0  # 1.0 for norms scaling by (1 + weight) (Gemma)
+    template_has_bos: ClassVar[bool] = False  # the chat template writes BOS itself
+    vision_blocks_candidates: ClassVar[tuple[str, ...]] = ()  # first existing path wins
 
     def __init__(self, path: str | Path, dtype: str = "auto", attn_implementation: str = "sdpa",
                  trust_remote_code: bool = False) -> None:
@@ -37,6 +46,13 @@ class ModelAdapter(ABC):
         self.model = self.load_model(dtype, attn_implementation)
         self.model.eval()
         self.processor = self.load_processor()
+        for candidate in self.vision_blocks_candidates:
+            try:
+                self.model.get_submodule(candidate)
+            except AttributeError:
+                continue
+            self.parts = replace(self.parts, vision_blocks=candidate)
+            break
 
     def with_model(self, model: nn.Module) -> "ModelAdapter":
         """The same adapter (processor, layout knowledge) around another model of the family."""
@@ -105,16 +121,18 @@ class ModelAdapter(ABC):
     def block_layout(self, part: str, block: nn.Module) -> BlockLayout:
         return self.language_layout(block) if part == "language" else self.vision_layout(block)
 
-    @abstractmethod
     def language_layout(self, block: nn.Module) -> BlockLayout:
-        """Layer groups of one language block."""
+        """Layer groups of one language block (default: a Llama-style pre-norm decoder layer)."""
+        return decoder_layout(block, norm_offset=self.norm_offset)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         raise ValueError(f"{self.model_type} has no vision blocks")
 
-    @abstractmethod
     def rotation_targets(self) -> RotationTargets:
         """Writers into the language residual stream from outside its blocks."""
+        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=self.projector_writers,
+                               external_weights=self.projector_weights, final_norm=self.parts.final_norm,
+                               lm_head=self.parts.lm_head, norm_weight_offset=self.norm_offset)
 
     def block_kind(self, part: str, index: int) -> Any:
         """Blocks of one kind are called with the same kwargs (masks, rotary tables).
@@ -192,7 +210,9 @@ class ModelAdapter(ABC):
         if not self.is_vlm:
             return dict(self.processor(text, return_tensors="pt", add_special_tokens=not chat_template))
         images = [Image.open(p).convert("RGB") for p in sample.images]
-        kwargs = {"images": images} if images else {}
+        kwargs: dict[str, Any] = {"images": images} if images else {}
+        if chat_template and self.template_has_bos:
+            kwargs["add_special_tokens"] = False  # no second BOS
         return dict(self.processor(text=[text], return_tensors="pt", **kwargs))
 
     def batch_process(self, samples: Sequence[Sample], with_answer: bool = True, chat_template: bool = True,

@@ -1,11 +1,9 @@
 """Text-only decoders (Llama, Qwen2): the language half of most VLMs, on its own."""
 from __future__ import annotations
 
-from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.layout import ModelParts
 from llmc.models.registry import register_adapter
 
 CAUSAL_LM_PARTS = ModelParts(language_blocks="model.layers", embed_tokens="model.embed_tokens",
@@ -18,13 +16,6 @@ class LlamaAdapter(ModelAdapter):
     aliases = ("Llama",)
     parts = CAUSAL_LM_PARTS
     is_vlm = False
-
-    def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block)
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=(),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
 
 
 @register_adapter

@@ -21,16 +21,12 @@ complete otherwise: the projector writes through the raw weight ``mm_input_proje
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
-import torch
-from PIL import Image
 from torch import nn
 
-from llmc.calib.sample import Sample
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.layout import BlockLayout, ModelParts
 from llmc.models.registry import register_adapter
 
 PROJECTOR_WEIGHT = "model.multi_modal_projector.mm_input_projection_weight"  # [in, out]: y = x @ W
@@ -51,16 +47,10 @@ class Gemma3Adapter(ModelAdapter):
     )
     norm_offset = 1.0
     writer_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for candidate in ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers"):
-            try:
-                self.model.get_submodule(candidate)
-            except AttributeError:
-                continue
-            self.parts = replace(self.parts, vision_blocks=candidate)
-            break
+    vision_blocks_candidates = ("model.vision_tower.encoder.layers",
+                                "model.vision_tower.vision_model.encoder.layers")
+    projector_weights = ((PROJECTOR_WEIGHT, "in_out"),)  # used as x @ W: rotated W := W Q
+    template_has_bos = True  # the chat template starts with <bos>
 
     def language_layout(self, block: nn.Module) -> BlockLayout:
         layout = decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=self.norm_offset)
@@ -69,15 +59,3 @@ class Gemma3Adapter(ModelAdapter):
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
                               names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=(),
-                               external_weights=((PROJECTOR_WEIGHT, "in_out"),), final_norm=self.parts.final_norm,
-                               lm_head=self.parts.lm_head, norm_weight_offset=self.norm_offset)
-
-    def encode(self, sample: Sample, with_answer: bool, chat_template: bool = True) -> dict[str, torch.Tensor]:
-        """As the base, but the chat template already starts with ``<bos>``: add no second one."""
-        text = self.prompt_text(sample, with_answer, chat_template)
-        images = [Image.open(p).convert("RGB") for p in sample.images]
-        kwargs = {"images": images} if images else {}
-        return dict(self.processor(text=[text], return_tensors="pt", add_special_tokens=not chat_template, **kwargs))

@@ -15,7 +15,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.layout import BlockLayout, ModelParts
 from llmc.models.registry import register_adapter
 
 IDEFICS3_PARTS = ModelParts(
@@ -34,18 +34,11 @@ class Idefics3Adapter(ModelAdapter):
     model_type = "idefics3"
     aliases = ("Idefics3",)
     parts = IDEFICS3_PARTS
-
-    def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block)
+    projector_writers = ("model.connector.modality_projection.proj",)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
                               names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,),
-                               external_writers=("model.connector.modality_projection.proj",),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
 
 
 @register_adapter

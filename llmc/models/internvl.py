@@ -16,7 +16,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.layout import BlockLayout, ModelParts
 from llmc.models.registry import register_adapter
 
 
@@ -33,16 +33,9 @@ class InternVLAdapter(ModelAdapter):
         vision_blocks="model.vision_tower.encoder.layer",
         projector="model.multi_modal_projector",
     )
-
-    def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block)
+    projector_writers = ("model.multi_modal_projector.linear_2",)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return decoder_layout(block, attn="attention", mlp="mlp", in_norm="layernorm_before",
                               post_norm="layernorm_after", gated=False,
                               names=("q_proj", "k_proj", "v_proj", "projection_layer"), mlp_names=("fc1", "fc2"))
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,),
-                               external_writers=("model.multi_modal_projector.linear_2",),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)

@@ -11,9 +11,7 @@ embedding row (``v := v Q``): ``RotationTargets.external_weights`` kind ``"row"`
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
-from llmc.models.layout import RotationTargets
 from llmc.models.llava import LlavaAdapter
 from llmc.models.registry import register_adapter
 
@@ -24,10 +22,7 @@ IMAGE_NEWLINE = "model.image_newline"
 class LlavaNextAdapter(LlavaAdapter):
     model_type = "llava_next"
     aliases = ("LlavaNext", "llava-1.6")
-
-    def rotation_targets(self) -> RotationTargets:
-        """LLaVA's targets plus the raw ``image_newline`` row (``v := v Q``)."""
-        return replace(super().rotation_targets(), external_weights=((IMAGE_NEWLINE, "row"),))
+    projector_weights = ((IMAGE_NEWLINE, "row"),)  # a raw row added as a token: v := v Q
 
 
 @register_adapter

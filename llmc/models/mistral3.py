@@ -9,14 +9,11 @@ language residual stream). Text: any Mistral/Llama decoder. Each image row ends 
 """
 from __future__ import annotations
 
-import torch
-from PIL import Image
 from torch import nn
 
-from llmc.calib.sample import Sample
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.layout import BlockLayout, ModelParts
 from llmc.models.registry import register_adapter
 
 
@@ -33,22 +30,9 @@ class Mistral3Adapter(ModelAdapter):
         vision_blocks="model.vision_tower.transformer.layers",
         projector="model.multi_modal_projector",
     )
-
-    def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block)
+    projector_writers = ("model.multi_modal_projector.linear_2",)
+    template_has_bos = True  # the chat template starts with <s>
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return decoder_layout(block, attn="attention", mlp="feed_forward", in_norm="attention_norm",
                               post_norm="ffn_norm")
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,),
-                               external_writers=("model.multi_modal_projector.linear_2",),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
-
-    def encode(self, sample: Sample, with_answer: bool, chat_template: bool = True) -> dict[str, torch.Tensor]:
-        """As the base, but the chat template already starts with ``<s>``: add no second one."""
-        text = self.prompt_text(sample, with_answer, chat_template)
-        images = [Image.open(p).convert("RGB") for p in sample.images]
-        kwargs = {"images": images} if images else {}
-        return dict(self.processor(text=[text], return_tensors="pt", add_special_tokens=not chat_template, **kwargs))

@@ -37,7 +37,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, LayerGroup, ModelParts, Producer, RotationTargets
+from llmc.models.layout import BlockLayout, LayerGroup, ModelParts, Producer
 from llmc.models.registry import register_adapter
 
 
@@ -75,6 +75,8 @@ class MllamaAdapter(ModelAdapter):
         vision_blocks="model.vision_model.transformer.layers",
         projector="model.multi_modal_projector",
     )
+    # The projector feeds cross-attention k/v only: no writer into the residual stream outside the
+    # blocks, so `projector_writers` stays empty.
 
     def cross_attention_layers(self) -> list[int]:
         return list(self.model.config.get_text_config().cross_attention_layers)
@@ -91,8 +93,3 @@ class MllamaAdapter(ModelAdapter):
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return decoder_layout(block, gated=False, mlp_names=("fc1", "fc2"))
-
-    def rotation_targets(self) -> RotationTargets:
-        # The projector feeds cross-attention k/v only: no writer into the residual stream outside the blocks.
-        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=(),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)

@@ -22,7 +22,7 @@ from torch import nn
 
 from llmc.calib.sample import Sample
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, RotationTargets
+from llmc.models.layout import BlockLayout
 from llmc.models.llava import LlavaAdapter
 from llmc.models.registry import register_adapter
 
@@ -34,18 +34,13 @@ class PaliGemmaAdapter(LlavaAdapter):
     model_type = "paligemma"
     aliases = ("PaliGemma",)
     norm_offset = 1.0
+    projector_writers = ("model.multi_modal_projector.linear",)
 
     def language_layout(self, block: nn.Module) -> BlockLayout:
         if hasattr(block, "pre_feedforward_layernorm"):  # Gemma2 (PaliGemma 2): sandwich norms
             layout = decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=self.norm_offset)
             return replace(layout, writer_norms=SANDWICH_NORMS)
         return decoder_layout(block, norm_offset=self.norm_offset)
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,),
-                               external_writers=("model.multi_modal_projector.linear",),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head,
-                               norm_weight_offset=self.norm_offset)
 
     def encode(self, sample: Sample, with_answer: bool, chat_template: bool = True) -> dict[str, torch.Tensor]:
         enc: dict[str, Any] = super().encode(sample, with_answer, chat_template)

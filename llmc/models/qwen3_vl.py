@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.common import decoder_layout, fused_qkv_layout
+from llmc.models.common import fused_qkv_layout
 from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
 from llmc.models.registry import register_adapter
 
@@ -42,9 +42,6 @@ class Qwen3VLAdapter(ModelAdapter):
         projector="model.visual.merger",
     )
     extras_module = "model.language_model"  # whose forward kwargs carry the deepstack features
-
-    def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return fused_qkv_layout(block, dim=block.attn.qkv.in_features, num_heads=block.attn.num_heads,

@@ -4,8 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.common import decoder_layout, fused_qkv_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.common import fused_qkv_layout
+from llmc.models.layout import BlockLayout, ModelParts
 from llmc.models.registry import register_adapter
 
 QWEN_VL_PARTS = ModelParts(
@@ -24,20 +24,13 @@ class Qwen2VLAdapter(ModelAdapter):
     model_type = "qwen2_vl"
     aliases = ("Qwen2VL",)
     parts = QWEN_VL_PARTS
+    projector_writers = ("model.visual.merger.mlp.2",)
     vision_mlp: tuple[str, ...] = ("fc1", "fc2")
     vision_gated = False
-
-    def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         return fused_qkv_layout(block, dim=block.attn.qkv.in_features, num_heads=block.attn.num_heads,
                                 mlp_names=self.vision_mlp, gated=self.vision_gated)
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,),
-                               external_writers=("model.visual.merger.mlp.2",),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
 
 
 @register_adapter

@@ -13,14 +13,12 @@ importing its package before loading, or loaded from the folder's own code files
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from typing import Any
 
 from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.layout import BlockLayout, ModelParts
 from llmc.models.registry import register_adapter
 
 TOWER_BLOCKS = ("vision_tower.encoder.layers", "vision_tower.vision_model.encoder.layers",
@@ -40,17 +38,8 @@ class VilaAdapter(ModelAdapter):
         vision_blocks=TOWER_BLOCKS[0],
         projector="mm_projector",
     )
-    projector_writer = "mm_projector.layers.2"
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for candidate in TOWER_BLOCKS:  # flattened (transformers >= 5) or wrapped SigLIP towers
-            try:
-                self.model.get_submodule(candidate)
-            except AttributeError:
-                continue
-            self.parts = replace(self.parts, vision_blocks=candidate)
-            break
+    projector_writers = ("mm_projector.layers.2",)
+    vision_blocks_candidates = TOWER_BLOCKS  # flattened (transformers >= 5) or wrapped SigLIP towers
 
     def load_model(self, dtype: str, attn_implementation: str) -> nn.Module:
         try:
@@ -70,14 +59,7 @@ class VilaAdapter(ModelAdapter):
                 f"loading (e.g. `sys.path.append('examples'); import vila_tiny`), {remote}. llmc never runs a "
                 f"checkpoint's code unless model.trust_remote_code is true")
 
-    def language_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block)
-
     def vision_layout(self, block: nn.Module) -> BlockLayout:
         # SigLIP encoder layer: q/k/v/out_proj, fc1 -> act -> fc2 (no producer for fc2).
         return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
                               names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
-
-    def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=(self.projector_writer,),
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
