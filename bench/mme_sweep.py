@@ -1,0 +1,93 @@
+"""Quantize one model under several settings and score each on held-out mme_synth questions.
+
+Two sweeps, each printing a markdown table (mme_synth per category + total, and fidelity to the
+float model: mean KL over answer positions, answer agreement):
+
+* ``--sweep bits``: the quantization sensitivity table: float, RTN W8/W4/W3/W2 (g32), language
+  model only and language + vision;
+* ``--sweep token_weight``: one method (``--method``, ``--bits``) with different
+  ``quant.token_weight`` settings (image vs text tokens in the calibration statistics).
+
+    python bench/mme_sweep.py --sweep bits
+    python bench/mme_sweep.py --sweep token_weight --method GPTQ --bits 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOKEN_WEIGHTS = {"none": None, "image=0": {"image": 0.0, "text": 1.0}, "image=0.5": {"image": 0.5, "text": 1.0},
+                 "image=2": {"image": 2.0, "text": 1.0}, "text=0": {"image": 1.0, "text": 0.0}}
+
+
+def settings(a: argparse.Namespace) -> list[tuple[str, dict | None]]:
+    """(label, quant section or None for the float model)."""
+    if a.sweep == "bits":
+        out: list[tuple[str, dict | None]] = [("float", None)]
+        for objs in (["language"], ["vision", "language"]):
+            for bits in (8, 4, 3, 2):
+                out.append((f"RTN W{bits} {'+'.join(objs)}", {"method": "RTN", "quant_objects": objs,
+                                                                "weight": {"bit": bits, "group_size": 32}}))
+        return out
+    return [(f"{a.method} W{a.bits} token_weight {k}",
+             {"method": a.method, "quant_objects": ["vision", "language"], "token_weight": v,
+              "weight": {"bit": a.bits, "group_size": 32}}) for k, v in TOKEN_WEIGHTS.items()]
+
+
+def main() -> int:
+    import torch
+
+    from llmc.builtin import resolve_builtin
+    from llmc.config import EvalConfig, parse_config
+    from llmc.eval.fidelity import collect_reference, fidelity
+    from llmc.eval.run import evaluate_position, fidelity_samples
+    from llmc.models import load_adapter
+    from llmc.runner import quantize_model
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", choices=("bits", "token_weight"), default="bits")
+    p.add_argument("--model", default="llmc/assets/tiny_qwen2vl_mme")
+    p.add_argument("--type", default="qwen2_vl")
+    p.add_argument("--method", default="GPTQ")
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--n-calib", type=int, default=64)
+    p.add_argument("--n-fid", type=int, default=64)
+    p.add_argument("--limit", type=int, default=600, help="mme_synth questions (whole pairs)")
+    a = p.parse_args()
+    calib, test = resolve_builtin("builtin:mme_synth/calib"), resolve_builtin("builtin:mme_synth/test")
+    ev = EvalConfig(eval_pos=["fake_quant"], name="mme_synth", path=test, bs=32, max_new_tokens=2,
+                    limit=a.limit, fidelity_samples=a.n_fid)
+    fid_samples = fidelity_samples(ev)
+    rows = []
+    for label, quant in settings(a):
+        adapter = load_adapter(a.type, a.model, dtype="float32")
+        ref = collect_reference(adapter, fid_samples, bs=32, max_new_tokens=2)
+        row: dict = {"setting": label}
+        if quant is not None:
+            cfg = parse_config({
+                "model": {"type": a.type, "path": a.model, "dtype": "float32"},
+                "calib": {"name": "custom_mm", "path": calib, "n_samples": a.n_calib, "bs": 8, "seq_len": 512},
+                "quant": quant, "save": {"save_path": "/tmp/unused-mme-sweep"}})
+            quantize_model(cfg, adapter, torch.device("cpu"))
+            f = fidelity(adapter, ref)
+            row.update(kl=f"{f['kl']:.3g}", answer_agreement=round(f["answer_agreement"], 3))
+        res = next(iter(evaluate_position(adapter, ev, label)["tasks"].values()))
+        row.update({c: round(v, 1) for c, v in res["categories"].items()}, total=round(res["total"], 1))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print(f"\nmodel {a.model}; mme_synth test split, {a.limit} questions; {a.n_calib} calibration samples\n")
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(k, "—")) for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
