@@ -170,6 +170,10 @@ class QuantConfig:
                 from_dict(WeightConfig, {**dataclasses.asdict(self.weight), **sub.weight}, f"quant.{part}.weight")
 
     @property
+    def act_bits(self) -> int | None:
+        return self.act.bit if self.act is not None else None
+
+    @property
     def methods(self) -> list[str]:
         return [self.method] if isinstance(self.method, str) else list(self.method)
 

@@ -89,11 +89,10 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
         batches = []
     elif batches is None:
         batches = calibration_batches(cfg, adapter)
-    act_bits = cfg.quant.act.bit if cfg.quant.act is not None else None
     for part in parts:
         t0 = time.time()
         calls = capture(adapter, part, batches, device, cfg.quant.token_weight) if batches else []
-        process_blocks(adapter, part, calls, quantizer, resolver, device, act_bits)
+        process_blocks(adapter, part, calls, quantizer, resolver, device, cfg.quant.act_bits)
         logger.info(f"{quantizer.name} on {part}: {time.time() - t0:.1f}s")
     if state_dir is not None:
         for algo in algos:
@@ -110,9 +109,8 @@ def _run(cfg: LLMCConfig, out: Path) -> None:
     adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
                            cfg.model.trust_remote_code)
     _, _, specs = plan_layers(cfg, adapter)
-    act_bits = cfg.quant.act.bit if cfg.quant.act is not None else None
     keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
-    check_save_plan(keys, {n: (s, act_bits) for n, s in specs.items()}, adapter.parts.vision_tower)
+    check_save_plan(keys, {n: (s, cfg.quant.act_bits) for n, s in specs.items()}, adapter.parts.vision_tower)
     evaluation = JobEvaluation(cfg, adapter, device, out)
     evaluation.before_quant()
     layers = quantize_model(cfg, adapter, device, state_dir=out)
