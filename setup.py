@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Post-training quantization of vision-language models: RTN, AWQ, GPTQ, rotation, SmoothQuant.",
     packages=find_packages(include=["llmc", "llmc.*"]),
+    package_data={"llmc": ["assets/*/*"]},  # the trained tiny VLM (builtin:tiny_vlm)
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "torchvision", "transformers>=5.0,<6", "accelerate", "safetensors", "tokenizers",

@@ -52,17 +52,20 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", choices=("bits", "token_weight"), default="bits")
-    p.add_argument("--model", default="llmc/assets/tiny_qwen2vl_mme")
+    p.add_argument("--model", default="builtin:tiny_vlm")
     p.add_argument("--type", default="qwen2_vl")
     p.add_argument("--method", default="GPTQ")
     p.add_argument("--bits", type=int, default=3)
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--n-fid", type=int, default=64)
     p.add_argument("--limit", type=int, default=600, help="mme_synth questions (whole pairs)")
+    p.add_argument("--categories", nargs="+", default=["existence", "count", "color", "OCR"])
     a = p.parse_args()
     calib, test = resolve_builtin("builtin:mme_synth/calib"), resolve_builtin("builtin:mme_synth/test")
+    if a.model.startswith("builtin:"):
+        a.model = resolve_builtin(a.model)
     ev = EvalConfig(eval_pos=["fake_quant"], name="mme_synth", path=test, bs=32, max_new_tokens=2,
-                    limit=a.limit, fidelity_samples=a.n_fid)
+                    limit=a.limit, fidelity_samples=a.n_fid, categories=a.categories)
     fid_samples = fidelity_samples(ev)
     rows = []
     for label, quant in settings(a):

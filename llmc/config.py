@@ -70,6 +70,7 @@ class EvalConfig:
     max_new_tokens: int = 8
     limit: int | None = None
     fidelity_samples: int = 16
+    categories: list[str] | None = None  # MME categories to score (all when absent)
 
     def __post_init__(self) -> None:
         valid = ("pretrain", "transformed", "fake_quant", "real_quant")

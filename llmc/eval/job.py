@@ -80,6 +80,6 @@ class JobEvaluation:
             return None
         from llmc.eval.report import write_report
 
-        table = write_report(self.results, self.work)
-        logger.info(f"evaluation report: {self.cfg.save.save_path}/eval/report.md\n{table}")
+        table = write_report(self.results, self.work)  # prints the table
+        logger.info(f"evaluation report: {self.cfg.save.save_path}/eval/report.md")
         return table

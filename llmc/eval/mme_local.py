@@ -182,17 +182,25 @@ def task_yaml(name: str, data_dir: Path) -> str:
 
 
 def prepare_task(path: str | Path, out_dir: str | Path, limit: int | None = None,
-                 name: str | None = None) -> LocalTask:
+                 name: str | None = None, categories: Sequence[str] | None = None) -> LocalTask:
     """Normalize the MME data at ``path`` into ``out_dir/data`` and write ``out_dir/tasks/<name>.yaml``.
 
     ``name`` defaults to ``mme_synth`` for mme_synth data and ``mme_local`` otherwise.
-    ``limit`` keeps at most that many questions (whole pairs, round-robin over categories).
+    ``categories`` keeps only those categories (all when None); ``limit`` keeps at most that many
+    questions (whole pairs, round-robin over categories).
     """
     import datasets
 
     out = Path(out_dir).absolute()
     name = name or ("mme_synth" if data_kind(path) == "mme_synth" else "mme_local")
     ds = load_mme_dataset(path, out / "hf_cache")
+    if categories:
+        present = sorted(set(ds["category"]))
+        missing = [c for c in categories if c not in present]
+        if missing:
+            raise ValueError(f"eval.categories: {missing} not in the data at {path}; valid: {present}")
+        keep = set(categories)
+        ds = ds.select([i for i, c in enumerate(ds["category"]) if c in keep])
     ds = ds.select(select_pairs(ds["question_id"], ds["category"], limit))
     data_dir = out / "data"
     datasets.DatasetDict({"test": ds}).save_to_disk(str(data_dir))

@@ -37,7 +37,7 @@ from llmc.models.base import ModelAdapter
 from llmc.strict import ConfigError
 
 LOCAL_TASKS = ("mme", "mme_synth")
-_PREPARED: dict[tuple[str, int | None, str], mme_local.LocalTask] = {}
+_PREPARED: dict[tuple, mme_local.LocalTask] = {}
 
 __all__ = ["evaluate_position", "fidelity_samples", "make_reference", "resolve_data", "write_report"]
 
@@ -74,12 +74,13 @@ def _work_root(work_dir: str | Path | None) -> Path:
 def _prepare(eval_cfg: Any, name: str, work_dir: str | Path | None) -> mme_local.LocalTask:
     """The generated local MME task (prepared once per data, limit and name in this process)."""
     data = resolve_data(eval_cfg.path, name)
-    key = (str(Path(data).resolve()), eval_cfg.limit, name)
+    cats = tuple(eval_cfg.categories or ())
+    key = (str(Path(data).resolve()), eval_cfg.limit, name, cats)
     task = _PREPARED.get(key)
     if task is None or not task.data_dir.exists():
         out = _work_root(work_dir) / f"task-{len(_PREPARED)}"
         task_name = "mme_synth" if mme_local.data_kind(data) == "mme_synth" else "mme_local"
-        task = mme_local.prepare_task(data, out, eval_cfg.limit, task_name)
+        task = mme_local.prepare_task(data, out, eval_cfg.limit, task_name, cats)
         _PREPARED[key] = task
     return task
 
