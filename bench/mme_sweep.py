@@ -33,11 +33,18 @@ def settings(a: argparse.Namespace) -> list[tuple[str, dict | None]]:
         for objs in (["language"], ["vision", "language"]):
             for bits in (8, 4, 3, 2):
                 out.append((f"RTN W{bits} {'+'.join(objs)}", {"method": "RTN", "quant_objects": objs,
-                                                                "weight": {"bit": bits, "group_size": 32}}))
+                                                                "weight": weight(a, bits)}))
         return out
     return [(f"{a.method} W{a.bits} token_weight {k}",
              {"method": a.method, "quant_objects": ["vision", "language"], "token_weight": v,
-              "weight": {"bit": a.bits, "group_size": 32}}) for k, v in TOKEN_WEIGHTS.items()]
+              "weight": weight(a, a.bits)}) for k, v in TOKEN_WEIGHTS.items()]
+
+
+def weight(a: argparse.Namespace, bits: int) -> dict:
+    """``quant.weight``: per group of ``--group-size``, or per channel when it is 0."""
+    if a.group_size == 0:
+        return {"bit": bits, "granularity": "per_channel"}
+    return {"bit": bits, "group_size": a.group_size}
 
 
 def main() -> int:
@@ -56,6 +63,7 @@ def main() -> int:
     p.add_argument("--type", default="qwen2_vl")
     p.add_argument("--method", default="GPTQ")
     p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=32, help="0: per channel")
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--n-fid", type=int, default=64)
     p.add_argument("--limit", type=int, default=600, help="mme_synth questions (whole pairs)")
@@ -85,7 +93,8 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    print(f"\nmodel {a.model}; mme_synth test split, {a.limit} questions; {a.n_calib} calibration samples\n")
+    print(f"\nmodel {a.model}; mme_synth test split, {a.limit} questions; {a.n_calib} calibration samples; "
+          f"{'per channel' if a.group_size == 0 else f'group {a.group_size}'}\n")
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r.get(k, "—")) for k in keys) + " |")

@@ -137,3 +137,20 @@ def test_unexportable_plan_fails_before_quantizing(tmp_path, tiny_model, calib_d
     assert run.returncode != 0 and "tpu" in run.stderr.lower()
     assert not (tmp_path / "out").exists()
     assert "quantized" not in (tmp_path / "out.failed.log").read_text()
+
+
+def test_readme_main_job(tmp_path):
+    """The README's main command, on the embedded default, with the save path moved to a temp folder."""
+    cfg = yaml.safe_load((ROOT / "configs" / "default.yml").read_text())
+    cfg["save"]["save_path"] = str(tmp_path / "default")
+    f = ROOT / "configs" / f".test-default-{tmp_path.name}.yml"  # next to default.yml: same relative paths
+    try:
+        f.write_text(yaml.safe_dump(cfg))
+        run = subprocess.run([sys.executable, str(ROOT / "tpu" / "llm_quant.py"), "--config_path", str(f)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=900)
+    finally:
+        f.unlink(missing_ok=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| mme_synth/existence |" in run.stdout + run.stderr
+    report = (tmp_path / "default" / "eval" / "report.md").read_text()
+    assert "fake_quant" in report and (tmp_path / "default" / "awq_records.pt").is_file()
