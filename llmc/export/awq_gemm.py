@@ -30,7 +30,7 @@ from llmc.export.packing import (
     StateDict,
     checkpoint_names,
     describe,
-    float_state_dict,
+    packed_state_dict,
     float_weight_modules,
     has_act_order,
     log_kept_float,
@@ -117,14 +117,7 @@ def export_autoawq(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool
     log_kept_float("autoawq", kept)
     float_names = float_weight_modules(model) + list(kept)
     name_map = checkpoint_names(model, float_names)
-    sd = float_state_dict(model, dtype)
-    for n, m in layers.items():
-        if n in kept:
-            sd[f"{n}.weight"] = m.quantized_weight().detach().to(dtype or m.weight.dtype)
-            continue
-        sd.pop(f"{n}.weight")
-        sd.pop(f"{n}.bias", None)
-        sd.update({f"{n}.{k}": v for k, v in awq_layer_tensors(m, dtype or m.weight.dtype).items()})
+    sd = packed_state_dict(model, layers, kept, dtype, awq_layer_tensors)
     config = {"quant_method": "awq", "bits": AWQ_BITS, "group_size": group_size, "zero_point": True,
               "sym": False, "version": "gemm", "modules_to_not_convert": spellings(name_map, float_names)}
     logger.info(f"autoawq: {len(layers) - len(kept)} layers packed (w4 g{group_size} asym), "

@@ -31,7 +31,7 @@ from llmc.export.packing import (
     Plan,
     StateDict,
     checkpoint_names,
-    float_state_dict,
+    packed_state_dict,
     float_weight_modules,
     has_act_order,
     log_kept_float,
@@ -127,15 +127,8 @@ def export_gptq(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool = 
     log_kept_float("gptq", kept)
     float_names = [n for n in float_weight_modules(model) + list(kept) if n != adapter.parts.lm_head]
     name_map = checkpoint_names(model, float_names)
-    sd = float_state_dict(model, dtype)
-    for n, m in layers.items():
-        if n in kept:
-            sd[f"{n}.weight"] = m.quantized_weight().detach().to(dtype or m.weight.dtype)
-            continue
-        sd.pop(f"{n}.weight")
-        sd.pop(f"{n}.bias", None)
-        sd.update({f"{n}.{k}": v for k, v in gptq_layer_tensors(m, dtype or m.weight.dtype,
-                                                                 checkpoint_format).items()})
+    sd = packed_state_dict(model, layers, kept, dtype,
+                           lambda m, dt: gptq_layer_tensors(m, dt, checkpoint_format))
     packed = [m for n, m in layers.items() if n not in kept]
     config = {"quant_method": "gptq", "bits": spec.bits,
               "group_size": spec.group_size if spec.granularity == "per_group" else -1,

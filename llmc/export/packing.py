@@ -133,6 +133,24 @@ def float_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> Stat
     return sd
 
 
+def packed_state_dict(model: nn.Module, layers: dict[str, FakeQuantLinear], kept: dict[str, str],
+                      dtype: torch.dtype | None,
+                      layer_tensors: Callable[[FakeQuantLinear, torch.dtype], StateDict]) -> StateDict:
+    """The float state dict with each packed layer's weight/bias replaced by ``layer_tensors``.
+
+    Layers in ``kept`` (a format cannot express them) keep their fake-quantized float weight.
+    """
+    sd = float_state_dict(model, dtype)
+    for n, m in layers.items():
+        if n in kept:
+            sd[f"{n}.weight"] = m.quantized_weight().detach().to(dtype or m.weight.dtype)
+            continue
+        sd.pop(f"{n}.weight")
+        sd.pop(f"{n}.bias", None)
+        sd.update({f"{n}.{k}": v for k, v in layer_tensors(m, dtype or m.weight.dtype).items()})
+    return sd
+
+
 def _set_dtype(cfg: dict[str, Any], dtype: torch.dtype) -> None:
     name = str(dtype).removeprefix("torch.")
     for c in [cfg, *[v for v in cfg.values() if isinstance(v, dict) and "model_type" in v]]:
