@@ -26,7 +26,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts
+from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
 PROJECTOR_WEIGHT = "model.multi_modal_projector.mm_input_projection_weight"  # [in, out]: y = x @ W
@@ -36,15 +36,8 @@ PROJECTOR_WEIGHT = "model.multi_modal_projector.mm_input_projection_weight"  # [
 class Gemma3Adapter(ModelAdapter):
     model_type = "gemma3"
     aliases = ("Gemma3",)
-    parts = ModelParts(
-        language_blocks="model.language_model.layers",
-        embed_tokens="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_tower",
-        vision_blocks="model.vision_tower.encoder.layers",
-        projector="model.multi_modal_projector",
-    )
+    parts = vlm_parts(vision_tower="model.vision_tower", vision_blocks="model.vision_tower.encoder.layers",
+                      projector="model.multi_modal_projector")
     norm_offset = 1.0
     writer_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
     vision_blocks_candidates = ("model.vision_tower.encoder.layers",

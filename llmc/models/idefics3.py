@@ -15,18 +15,11 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts
+from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
-IDEFICS3_PARTS = ModelParts(
-    language_blocks="model.text_model.layers",
-    embed_tokens="model.text_model.embed_tokens",
-    final_norm="model.text_model.norm",
-    lm_head="lm_head",
-    vision_tower="model.vision_model",
-    vision_blocks="model.vision_model.encoder.layers",
-    projector="model.connector",
-)
+IDEFICS3_PARTS = vlm_parts(vision_tower="model.vision_model", vision_blocks="model.vision_model.encoder.layers",
+                           projector="model.connector", text_model="model.text_model")
 
 
 @register_adapter

@@ -100,6 +100,15 @@ class ModelParts:
     projector: str | None = None
 
 
+def vlm_parts(vision_tower: str, vision_blocks: str, projector: str, text_model: str = "model.language_model",
+              lm_head: str = "lm_head") -> ModelParts:
+    """``ModelParts`` of the usual transformers VLM layout: a text model with ``layers``,
+    ``embed_tokens`` and ``norm``, and paths given relative to the model root."""
+    return ModelParts(language_blocks=f"{text_model}.layers", embed_tokens=f"{text_model}.embed_tokens",
+                      final_norm=f"{text_model}.norm", lm_head=lm_head, vision_tower=vision_tower,
+                      vision_blocks=vision_blocks, projector=projector)
+
+
 @dataclass(frozen=True)
 class RotationTargets:
     """Everything rotation touches outside the blocks of the language model.

@@ -6,7 +6,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts
+from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
 
@@ -14,15 +14,8 @@ from llmc.models.registry import register_adapter
 class LlavaAdapter(ModelAdapter):
     model_type = "llava"
     aliases = ("Llava",)
-    parts = ModelParts(
-        language_blocks="model.language_model.layers",
-        embed_tokens="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_tower",
-        vision_blocks="model.vision_tower.encoder.layers",
-        projector="model.multi_modal_projector",
-    )
+    parts = vlm_parts(vision_tower="model.vision_tower", vision_blocks="model.vision_tower.encoder.layers",
+                      projector="model.multi_modal_projector")
     # transformers 5 flattens CLIP/SigLIP towers; older or remote towers keep `vision_model`.
     vision_blocks_candidates = ("model.vision_tower.encoder.layers",
                                 "model.vision_tower.vision_model.encoder.layers")

@@ -13,7 +13,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, ModelParts
+from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
 
@@ -21,15 +21,8 @@ from llmc.models.registry import register_adapter
 class Mistral3Adapter(ModelAdapter):
     model_type = "mistral3"
     aliases = ("Mistral3", "mistral-small-3.1")
-    parts = ModelParts(
-        language_blocks="model.language_model.layers",
-        embed_tokens="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_tower",
-        vision_blocks="model.vision_tower.transformer.layers",
-        projector="model.multi_modal_projector",
-    )
+    parts = vlm_parts(vision_tower="model.vision_tower", vision_blocks="model.vision_tower.transformer.layers",
+                      projector="model.multi_modal_projector")
     projector_writers = ("model.multi_modal_projector.linear_2",)
     template_has_bos = True  # the chat template starts with <s>
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import decoder_layout
-from llmc.models.layout import BlockLayout, LayerGroup, ModelParts, Producer
+from llmc.models.layout import BlockLayout, LayerGroup, Producer, vlm_parts
 from llmc.models.registry import register_adapter
 
 
@@ -66,15 +66,8 @@ def cross_attention_layout(block: nn.Module, attn: str = "cross_attn") -> BlockL
 class MllamaAdapter(ModelAdapter):
     model_type = "mllama"
     aliases = ("Mllama", "llama-3.2-vision")
-    parts = ModelParts(
-        language_blocks="model.language_model.layers",
-        embed_tokens="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.vision_model",
-        vision_blocks="model.vision_model.transformer.layers",
-        projector="model.multi_modal_projector",
-    )
+    parts = vlm_parts(vision_tower="model.vision_model", vision_blocks="model.vision_model.transformer.layers",
+                      projector="model.multi_modal_projector")
     # The projector feeds cross-attention k/v only: no writer into the residual stream outside the
     # blocks, so `projector_writers` stays empty.
 

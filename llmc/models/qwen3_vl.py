@@ -24,7 +24,7 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import fused_qkv_layout
-from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
+from llmc.models.layout import BlockLayout, RotationTargets, vlm_parts
 from llmc.models.registry import register_adapter
 
 
@@ -32,15 +32,8 @@ from llmc.models.registry import register_adapter
 class Qwen3VLAdapter(ModelAdapter):
     model_type = "qwen3_vl"
     aliases = ("Qwen3VL", "Qwen3-VL")
-    parts = ModelParts(
-        language_blocks="model.language_model.layers",
-        embed_tokens="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-        lm_head="lm_head",
-        vision_tower="model.visual",
-        vision_blocks="model.visual.blocks",
-        projector="model.visual.merger",
-    )
+    parts = vlm_parts(vision_tower="model.visual", vision_blocks="model.visual.blocks",
+                      projector="model.visual.merger")
     extras_module = "model.language_model"  # whose forward kwargs carry the deepstack features
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:

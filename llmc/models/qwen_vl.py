@@ -5,18 +5,11 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import fused_qkv_layout
-from llmc.models.layout import BlockLayout, ModelParts
+from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
-QWEN_VL_PARTS = ModelParts(
-    language_blocks="model.language_model.layers",
-    embed_tokens="model.language_model.embed_tokens",
-    final_norm="model.language_model.norm",
-    lm_head="lm_head",
-    vision_tower="model.visual",
-    vision_blocks="model.visual.blocks",
-    projector="model.visual.merger",
-)
+QWEN_VL_PARTS = vlm_parts(vision_tower="model.visual", vision_blocks="model.visual.blocks",
+                          projector="model.visual.merger")
 
 
 @register_adapter
