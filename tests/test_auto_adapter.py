@@ -20,11 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 # tiny family -> explicit model.type, for the families auto handles (the table in docs/add_model.md)
 HANDLED = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_clip_llama": "llava",
            "llava_siglip_qwen2": "llava", "internvl": "internvl", "idefics3": "idefics3", "llava_next": "llava_next",
-           "llava_onevision": "llava_onevision", "llama": "llama", "qwen2": "qwen2", "vila_tiny": "vila"}
+           "llava_onevision": "llava_onevision", "llama": "llama", "qwen2": "qwen2", "vila_tiny": "vila",
+           "paligemma": "paligemma", "mistral3": "mistral3"}
 # tiny family -> what the refusal names
 REFUSED = {"gemma3": ["4 norms", "post_feedforward_layernorm", "no nn.Linear with out_features == text hidden size 64",
                       "mm_input_projection_weight"],
-           "qwen3_vl": ["model.visual.deepstack_merger_list", "deepstack", "between_blocks"]}
+           "qwen3_vl": ["model.visual.deepstack_merger_list", "deepstack", "between_blocks"],
+           "mllama": ["model.vision_model.global_transformer.layers"]}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,7 +31,7 @@ FAMILIES = {  # tiny family -> model.type
 }
 # families whose parts model.type auto finds on its own (tests/test_auto_adapter.py: the same as explicit)
 AUTO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_clip_llama", "llava_siglip_qwen2", "internvl", "idefics3",
-                 "llava_next", "llava_onevision", "llama", "qwen2", "vila_tiny")
+                 "llava_next", "llava_onevision", "llama", "qwen2", "vila_tiny", "paligemma", "mistral3")
 # model.type -> why rotation_targets() refuses (the adapter raises a ValueError naming it)
 ROTATION_UNSUPPORTED: dict[str, str] = {}
 # model.type -> why the Rotation algorithm refuses the (complete) targets: named in its error

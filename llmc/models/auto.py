@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.discover import Discovery, discover
+from llmc.models.discover import norm_weight_offset, Discovery, discover
 from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
 from llmc.models.registry import register_adapter
 
@@ -80,7 +80,8 @@ class AutoAdapter(ModelAdapter):
         writers = (d.projector_writer,) if d.projector_writer else ()
         return RotationTargets(embeddings=(d.embed_tokens,), external_writers=writers,
                                external_weights=tuple((name, "row") for name in d.raw_writers),
-                               final_norm=d.final_norm, lm_head=d.lm_head)
+                               final_norm=d.final_norm, lm_head=d.lm_head,
+                               norm_weight_offset=norm_weight_offset(self.module(d.final_norm)))
 
     def block_kind(self, part: str, index: int) -> Any:
         """Text ``layer_types`` (base rule); vision ``fullatt_block_indexes`` (window vs full attention)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from llmc.models.common import decoder_layout, fused_qkv_layout
@@ -77,7 +78,29 @@ class BlockSpec:
                                     norm1=self.in_norm, norm2=self.post_norm, mlp=self.mlp,
                                     mlp_names=self.mlp_linears, gated=gated)
         return decoder_layout(block, attn=self.attn, mlp=self.mlp, in_norm=self.in_norm, post_norm=self.post_norm,
-                              gated=gated, names=self.attn_linears, mlp_names=self.mlp_linears)
+                              gated=gated, names=self.attn_linears, mlp_names=self.mlp_linears,
+                              norm_offset=norm_weight_offset(block.get_submodule(self.in_norm)))
+
+
+@torch.no_grad()
+def norm_weight_offset(norm: nn.Module) -> float:
+    """1.0 for norms scaling by ``(1 + weight)`` (Gemma), else 0.0: probed with the weight zeroed.
+
+    Weights on the meta device (``llmc inspect``) cannot be probed: 0.0.
+    """
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.is_meta or w.dim() != 1:
+        return 0.0
+    saved = w.detach().clone()
+    try:
+        w.zero_()
+        out = norm(torch.randn(2, w.shape[0], dtype=w.dtype, device=w.device, generator=torch.Generator().manual_seed(0)))
+        bias = getattr(norm, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            out = out - bias
+        return 1.0 if float(out.abs().max()) > 0 else 0.0
+    finally:
+        w.copy_(saved)
 
 
 def _attn_linears(attn: nn.Module) -> tuple[str, ...] | None:
