@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from llmc.calib.datasets import batches
 from llmc.calib.sample import Sample
 from llmc.eval.generation import generate, model_device
 from llmc.models.base import ModelAdapter
@@ -104,13 +105,9 @@ def answer_log_probs(adapter: ModelAdapter, samples: Sequence[Sample]) -> list[t
     return [logits[b, keep - 1 - n: keep - 1] for b, n in enumerate(answer_lens)]
 
 
-def _batches(samples: Sequence[Sample], bs: int) -> list[list[Sample]]:
-    return [list(samples[i:i + bs]) for i in range(0, len(samples), bs)]
-
-
 def _answers(adapter: ModelAdapter, samples: Sequence[Sample], bs: int, max_new_tokens: int) -> list[str]:
     out: list[str] = []
-    for chunk in _batches(samples, bs):
+    for chunk in batches(list(samples), bs):
         out += generate(adapter, adapter.batch_process(chunk, with_answer=False, padding_side="left"), max_new_tokens)
     return out
 
@@ -122,7 +119,7 @@ def collect_reference(adapter: ModelAdapter, samples: Sequence[Sample], bs: int 
     if not samples:
         raise ValueError("collect_reference: no samples")
     ref = Reference(samples=list(samples), bs=bs, max_new_tokens=max_new_tokens)
-    for chunk in _batches(samples, bs):
+    for chunk in batches(list(samples), bs):
         ref.log_probs += answer_log_probs(adapter, chunk)
     ref.answers = _answers(adapter, samples, bs, max_new_tokens)
     return ref
@@ -132,7 +129,7 @@ def collect_reference(adapter: ModelAdapter, samples: Sequence[Sample], bs: int 
 def fidelity(adapter: ModelAdapter, reference: Reference) -> dict[str, float]:
     """KL, top-1 agreement and answer agreement of the adapter's current model vs ``reference``."""
     current: list[torch.Tensor] = []
-    for chunk in _batches(reference.samples, reference.bs):
+    for chunk in batches(list(reference.samples), reference.bs):
         current += answer_log_probs(adapter, chunk)
     kl_sum, agree, positions = 0.0, 0, 0
     for ref, cur in zip(reference.log_probs, current):

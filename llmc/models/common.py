@@ -1,6 +1,8 @@
 """Layout builders shared by adapters: the common block shapes, as data."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from llmc.models.layout import BlockLayout, LayerGroup, Producer
@@ -83,3 +85,19 @@ def fused_qkv_layout(block: nn.Module, dim: int, num_heads: int, attn: str = "at
         value=Producer(q, "linear", rows=(2 * dim, 3 * dim)), attn_output=o,
         head_dim=dim // num_heads, num_heads=num_heads, num_kv_heads=num_heads,
     )
+
+
+def clip_encoder_layout(block: nn.Module) -> BlockLayout:
+    """CLIP / SigLIP encoder layer: ``layer_norm1`` -> q/k/v/``out_proj``, ``layer_norm2`` -> fc1 -> act -> fc2."""
+    return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
+                          names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
+
+
+SANDWICH_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def sandwich_decoder_layout(block: nn.Module, norm_offset: float = 1.0) -> BlockLayout:
+    """Gemma2/3 decoder layer: the MLP reads ``pre_feedforward_layernorm``, and the attention and MLP
+    outputs are normalised again before the residual add (``writer_norms``: rotation must refuse)."""
+    layout = decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=norm_offset)
+    return replace(layout, writer_norms=SANDWICH_NORMS)

@@ -20,12 +20,11 @@ complete otherwise: the projector writes through the raw weight ``mm_input_proje
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.common import decoder_layout
+from llmc.models.common import clip_encoder_layout, sandwich_decoder_layout
 from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
@@ -39,16 +38,13 @@ class Gemma3Adapter(ModelAdapter):
     parts = vlm_parts(vision_tower="model.vision_tower", vision_blocks="model.vision_tower.encoder.layers",
                       projector="model.multi_modal_projector")
     norm_offset = 1.0
-    writer_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
     vision_blocks_candidates = ("model.vision_tower.encoder.layers",
                                 "model.vision_tower.vision_model.encoder.layers")
     projector_weights = ((PROJECTOR_WEIGHT, "in_out"),)  # used as x @ W: rotated W := W Q
     template_has_bos = True  # the chat template starts with <bos>
 
     def language_layout(self, block: nn.Module) -> BlockLayout:
-        layout = decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=self.norm_offset)
-        return replace(layout, writer_norms=self.writer_norms)
+        return sandwich_decoder_layout(block, self.norm_offset)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
-                              names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
+        return clip_encoder_layout(block)

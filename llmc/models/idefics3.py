@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.common import decoder_layout
+from llmc.models.common import clip_encoder_layout
 from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
@@ -30,8 +30,7 @@ class Idefics3Adapter(ModelAdapter):
     projector_writers = ("model.connector.modality_projection.proj",)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
-        return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
-                              names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
+        return clip_encoder_layout(block)
 
 
 @register_adapter

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.common import decoder_layout
+from llmc.models.common import clip_encoder_layout
 from llmc.models.layout import BlockLayout, vlm_parts
 from llmc.models.registry import register_adapter
 
@@ -22,7 +22,4 @@ class LlavaAdapter(ModelAdapter):
     projector_writers = ("model.multi_modal_projector.linear_2",)
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
-        # CLIP / SigLIP encoder layer: q/k/v/out_proj, fc1 -> act -> fc2.
-        return decoder_layout(block, attn="self_attn", mlp="mlp", in_norm="layer_norm1",
-                              post_norm="layer_norm2", gated=False,
-                              names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
+        return clip_encoder_layout(block)

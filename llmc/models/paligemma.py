@@ -14,19 +14,17 @@ tokens then ``<bos>`` before the text and returns ``token_type_ids`` (0 on the p
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from llmc.calib.sample import Sample
-from llmc.models.common import decoder_layout
+from llmc.models.common import sandwich_decoder_layout
 from llmc.models.layout import BlockLayout
 from llmc.models.llava import LlavaAdapter
 from llmc.models.registry import register_adapter
 
-SANDWICH_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 
 @register_adapter
@@ -38,9 +36,8 @@ class PaliGemmaAdapter(LlavaAdapter):
 
     def language_layout(self, block: nn.Module) -> BlockLayout:
         if hasattr(block, "pre_feedforward_layernorm"):  # Gemma2 (PaliGemma 2): sandwich norms
-            layout = decoder_layout(block, post_norm="pre_feedforward_layernorm", norm_offset=self.norm_offset)
-            return replace(layout, writer_norms=SANDWICH_NORMS)
-        return decoder_layout(block, norm_offset=self.norm_offset)
+            return sandwich_decoder_layout(block, self.norm_offset)
+        return super().language_layout(block)
 
     def encode(self, sample: Sample, with_answer: bool, chat_template: bool = True) -> dict[str, torch.Tensor]:
         enc: dict[str, Any] = super().encode(sample, with_answer, chat_template)

@@ -24,7 +24,8 @@ from torch import nn
 
 from llmc.models.base import ModelAdapter
 from llmc.models.common import fused_qkv_layout
-from llmc.models.layout import BlockLayout, RotationTargets, vlm_parts
+from llmc.models.layout import BlockLayout, RotationTargets
+from llmc.models.qwen_vl import QWEN_VL_PARTS
 from llmc.models.registry import register_adapter
 
 
@@ -32,8 +33,7 @@ from llmc.models.registry import register_adapter
 class Qwen3VLAdapter(ModelAdapter):
     model_type = "qwen3_vl"
     aliases = ("Qwen3VL", "Qwen3-VL")
-    parts = vlm_parts(vision_tower="model.visual", vision_blocks="model.visual.blocks",
-                      projector="model.visual.merger")
+    parts = QWEN_VL_PARTS  # same paths as Qwen2-VL
     extras_module = "model.language_model"  # whose forward kwargs carry the deepstack features
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:

@@ -17,7 +17,7 @@ import json
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.common import decoder_layout
+from llmc.models.common import clip_encoder_layout
 from llmc.models.layout import BlockLayout, ModelParts
 from llmc.models.registry import register_adapter
 
@@ -60,6 +60,4 @@ class VilaAdapter(ModelAdapter):
                 f"checkpoint's code unless model.trust_remote_code is true")
 
     def vision_layout(self, block: nn.Module) -> BlockLayout:
-        # SigLIP encoder layer: q/k/v/out_proj, fc1 -> act -> fc2 (no producer for fc2).
-        return decoder_layout(block, in_norm="layer_norm1", post_norm="layer_norm2", gated=False,
-                              names=("q_proj", "k_proj", "v_proj", "out_proj"), mlp_names=("fc1", "fc2"))
+        return clip_encoder_layout(block)
