@@ -5,6 +5,8 @@ float model: mean KL over answer positions, answer agreement):
 
 * ``--sweep bits``: the quantization sensitivity table: float, RTN W8/W4/W3/W2 (g32), language
   model only and language + vision;
+* ``--sweep methods``: float, RTN W4/W3/W2, AWQ and GPTQ W4/W3 (language + vision): can the
+  benchmark tell a good method from a bad one at the same bit width?
 * ``--sweep token_weight``: one method (``--method``, ``--bits``) with different
   ``quant.token_weight`` settings (image vs text tokens in the calibration statistics).
 
@@ -35,6 +37,12 @@ def settings(a: argparse.Namespace) -> list[tuple[str, dict | None]]:
                 out.append((f"RTN W{bits} {'+'.join(objs)}", {"method": "RTN", "quant_objects": objs,
                                                                 "weight": weight(a, bits)}))
         return out
+    if a.sweep == "methods":
+        out = [("float", None)]
+        for method, bits in (("RTN", 4), ("RTN", 3), ("RTN", 2), ("AWQ", 4), ("AWQ", 3), ("GPTQ", 4), ("GPTQ", 3)):
+            out.append((f"{method} W{bits} vision+language", {"method": method, "quant_objects": ["vision", "language"],
+                                                              "weight": weight(a, bits)}))
+        return out
     return [(f"{a.method} W{a.bits} token_weight {k}",
              {"method": a.method, "quant_objects": ["vision", "language"], "token_weight": v,
               "weight": weight(a, a.bits)}) for k, v in TOKEN_WEIGHTS.items()]
@@ -58,7 +66,7 @@ def main() -> int:
     from llmc.runner import quantize_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", choices=("bits", "token_weight"), default="bits")
+    p.add_argument("--sweep", choices=("bits", "methods", "token_weight"), default="bits")
     p.add_argument("--model", default="builtin:tiny_vlm")
     p.add_argument("--type", default="qwen2_vl")
     p.add_argument("--method", default="GPTQ")

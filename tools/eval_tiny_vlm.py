@@ -25,10 +25,57 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_vlm_data import aux_questions
-from train_tiny_vlm import evaluate
+from tiny_vlm_data import LMMS_POST_PROMPT, aux_questions
 
 from llmc.data import mme_synth as ms
+
+
+def mme_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """lmms-eval MME aggregation: per category 100 * (acc + acc+), acc+ over both questions of an image."""
+    from lmms_eval.tasks.mme.utils import parse_pred_ans
+
+    per_cat: dict[str, dict[str, list[bool]]] = {}
+    for r in rows:
+        ok = parse_pred_ans(r["pred"]) == r["answer"].lower()
+        per_cat.setdefault(r["category"], {}).setdefault(r["question_id"], []).append(ok)
+    out = {}
+    for cat, groups in per_cat.items():
+        flat = [x for g in groups.values() for x in g]
+        out[cat] = 100 * (sum(flat) / len(flat) + sum(all(g) for g in groups.values()) / len(groups))
+    return out
+
+
+def _prompt(sample: dict[str, Any], lmms_prompt: bool) -> str:
+    question = sample["question"].strip()
+    return question.replace(ms.SUFFIX, "") + LMMS_POST_PROMPT if lmms_prompt else question
+
+
+@torch.no_grad()
+def evaluate(model: Any, processor: Any, bench: Path, lmms_prompt: bool = True,
+             bs: int = 32) -> tuple[dict[str, float], list[dict]]:
+    """Greedy generation on an MME-format folder (``samples.json``); returns scores and predictions.
+
+    ``lmms_prompt``: the question as lmms-eval's MME task words it (suffix " Please answer yes or no."
+    replaced by :data:`LMMS_POST_PROMPT`), else the generator's question verbatim.
+    """
+    from PIL import Image
+
+    samples = json.loads((bench / "samples.json").read_text())
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    model.eval()
+    rows = []
+    for start in range(0, len(samples), bs):
+        chunk = samples[start:start + bs]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _prompt(s, lmms_prompt)}]}],
+            tokenize=False, add_generation_prompt=True) for s in chunk]
+        images = [Image.open(bench / s["image"]).convert("RGB") for s in chunk]
+        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        preds = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        rows += [dict(s, pred=p) for s, p in zip(chunk, preds)]
+    return mme_scores(rows), rows
 
 
 def test_descriptors(n_images: int, seed: int, size: int) -> list[tuple[Any, ...]]:

@@ -158,7 +158,7 @@ def yes_no_examples(enc: Encoder, i: int, pair: list[tuple[str, str]], cat: str)
         enc_pair = {a: enc(q + end, a) for q, a in pair}
         p_yes, p_no = enc_pair["Yes"][0], enc_pair["No"][0]
         diff = [k for k, (x, y) in enumerate(zip(p_yes, p_no)) if x != y] if len(p_yes) == len(p_no) else []
-        for a, (p, ans) in enc_pair.items():
+        for p, ans in enc_pair.values():
             q_tok, y_tok = (p[diff[0]], p_yes[diff[0]]) if diff else (-100, -100)
             out.append((i, p, ans, cat, q_tok, y_tok))
     return out

@@ -18,12 +18,13 @@ Recipe (see ``docs/tiny_vlm.md``, which also gives the exact commands and the re
   with bf16 autocast on CPU;
 * yes/no questions need the training-only :class:`AnswerProbe` (``--cmp-aux``): without it the yes/no
   accuracy stays at chance (the shipped model was continued from a probe-less run with it, ``--init-from``);
+* ``--outlier-scale``: LLM-like weight-outlier columns planted by an exact re-parametrisation
+  (:mod:`llmc.testing.outliers`), so that quantization hurts the model the way it hurts an LLM;
 * the checkpoint is saved in bfloat16 together with its processor, reloaded and evaluated on the
   test split (greedy generation, lmms-eval's ``parse_pred_ans``, acc + acc+ per category).
 
-Usage::
-
-    python tools/train_tiny_vlm.py --out llmc/assets/tiny_qwen2vl_mme --overwrite --seed 0
+The shipped checkpoint is two runs (stage 0+1, then stage 2 ``--init-from`` it):
+``tools/make_tiny_vlm.sh OUT`` runs both.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo (llmc)
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tiny_vlm_data
 
+from eval_tiny_vlm import evaluate
 from tiny_vlm_data import (
-    LMMS_POST_PROMPT,
     MERGE,
     OBJ_CLASSES,
     PATCH,
@@ -136,55 +137,6 @@ class AnswerProbe(torch.nn.Module):
         ce = torch.nn.functional.cross_entropy
         h = h.float()
         return ce(self.q(h), q_tok, ignore_index=-100) + ce(self.y(h), y_tok, ignore_index=-100)
-
-
-# ------------------------------------------------------------------------------------- evaluation
-def mme_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """lmms-eval MME aggregation: per category 100 * (acc + acc+), acc+ over both questions of an image."""
-    from lmms_eval.tasks.mme.utils import parse_pred_ans
-
-    per_cat: dict[str, dict[str, list[bool]]] = {}
-    for r in rows:
-        ok = parse_pred_ans(r["pred"]) == r["answer"].lower()
-        per_cat.setdefault(r["category"], {}).setdefault(r["question_id"], []).append(ok)
-    out = {}
-    for cat, groups in per_cat.items():
-        flat = [x for g in groups.values() for x in g]
-        out[cat] = 100 * (sum(flat) / len(flat) + sum(all(g) for g in groups.values()) / len(groups))
-    return out
-
-
-def _prompt(sample: dict[str, Any], lmms_prompt: bool) -> str:
-    question = sample["question"].strip()
-    return question.replace(ms.SUFFIX, "") + LMMS_POST_PROMPT if lmms_prompt else question
-
-
-@torch.no_grad()
-def evaluate(model: Any, processor: Any, bench: Path, lmms_prompt: bool = True,
-             bs: int = 32) -> tuple[dict[str, float], list[dict]]:
-    """Greedy generation on an MME-format folder (``samples.json``); returns scores and predictions.
-
-    ``lmms_prompt``: the question as lmms-eval's MME task words it (suffix " Please answer yes or no."
-    replaced by :data:`LMMS_POST_PROMPT`), else the generator's question verbatim.
-    """
-    from PIL import Image
-
-    samples = json.loads((bench / "samples.json").read_text())
-    tok = processor.tokenizer
-    tok.padding_side = "left"
-    model.eval()
-    rows = []
-    for start in range(0, len(samples), bs):
-        chunk = samples[start:start + bs]
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _prompt(s, lmms_prompt)}]}],
-            tokenize=False, add_generation_prompt=True) for s in chunk]
-        images = [Image.open(bench / s["image"]).convert("RGB") for s in chunk]
-        batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False)
-        preds = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        rows += [dict(s, pred=p) for s, p in zip(chunk, preds)]
-    return mme_scores(rows), rows
 
 
 # --------------------------------------------------------------------------------------- training
@@ -330,6 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cmp-aux", type=float, default=1.0, help="weight of the yes/no answer-position probe loss")
     p.add_argument("--cmp-layer", type=int, default=2, help="hidden_states index of that probe (0 = embeddings)")
     p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint (stage 2)")
+    p.add_argument("--outlier-scale", type=float, default=0.0,
+                   help="plant LLM-like weight-outlier columns scaled by this (0: none; see llmc.testing.outliers)")
+    p.add_argument("--outlier-channels", type=int, default=4, help="outlier columns per layer group")
     p.add_argument("--aux-start", type=float, default=0.6)
     p.add_argument("--aux-end", type=float, default=0.1)
     p.add_argument("--hidden", type=int, default=128)
@@ -340,6 +295,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-every", type=int, default=1000, help="greedy MME eval on 120 calib-split images")
     return p.parse_args(argv)
+
+
+def plant_outliers(ckpt: Path, args: argparse.Namespace) -> dict[str, list[int]]:
+    """Rewrite the bf16 checkpoint ``ckpt`` with ``--outlier-channels`` columns per layer group scaled by
+    ``--outlier-scale`` (a power of two keeps the bf16 weights exact); nothing when the scale is 0."""
+    if not args.outlier_scale:
+        return {}
+    from llmc.models import load_adapter
+    from llmc.testing.outliers import plant_outlier_columns
+
+    adapter = load_adapter("qwen2_vl", str(ckpt), dtype="bfloat16")
+    planted = plant_outlier_columns(adapter, args.outlier_scale, args.outlier_channels, seed=args.seed)
+    adapter.model.save_pretrained(ckpt)
+    print(f"planted {args.outlier_channels} outlier columns x{args.outlier_scale:g} in {len(planted)} layer groups",
+          flush=True)
+    return planted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model.to(torch.bfloat16).save_pretrained(tmp / "ckpt")
         processor.save_pretrained(tmp / "ckpt")
+        planted = plant_outliers(tmp / "ckpt", args)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         reloaded = AutoModelForImageTextToText.from_pretrained(tmp / "ckpt", dtype=torch.float32)
@@ -380,7 +352,11 @@ def main(argv: list[str] | None = None) -> int:
                    "mme_test_scores": {k: round(v, 2) for k, v in scores.items()},
                    "mme_test_mean": round(sum(scores.values()) / len(scores), 2),
                    "mme_test_scores_generator_prompt": {k: round(v, 2) for k, v in raw.items()},
-                   "mme_test_mean_generator_prompt": round(sum(raw.values()) / len(raw), 2), "loss_log": log}
+                   "mme_test_mean_generator_prompt": round(sum(raw.values()) / len(raw), 2), "loss_log": log,
+                   "outlier_columns": planted}
+        previous = args.init_from / "training_summary.json" if args.init_from else None
+        if previous is not None and previous.is_file():
+            summary["previous_stage"] = json.loads(previous.read_text())
         (tmp / "ckpt" / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if args.out.exists():
             shutil.rmtree(args.out)
