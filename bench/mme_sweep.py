@@ -7,6 +7,8 @@ float model: mean KL over answer positions, answer agreement):
   model only and language + vision;
 * ``--sweep methods``: float, RTN W4/W3/W2, AWQ and GPTQ W4/W3 (language + vision): can the
   benchmark tell a good method from a bad one at the same bit width?
+* ``--sweep noise``: float and Gaussian noise of 0.3-1.5 x the weight std added to every linear
+  but the lm_head: how robust is the model itself?
 * ``--sweep token_weight``: one method (``--method``, ``--bits``) with different
   ``quant.token_weight`` settings (image vs text tokens in the calibration statistics).
 
@@ -43,9 +45,22 @@ def settings(a: argparse.Namespace) -> list[tuple[str, dict | None]]:
             out.append((f"{method} W{bits} vision+language", {"method": method, "quant_objects": ["vision", "language"],
                                                               "weight": weight(a, bits)}))
         return out
+    if a.sweep == "noise":
+        return [("float", None)] + [(f"weight noise {r:g} std", {"noise": r}) for r in (0.3, 0.6, 1.0, 1.5)]
     return [(f"{a.method} W{a.bits} token_weight {k}",
              {"method": a.method, "quant_objects": ["vision", "language"], "token_weight": v,
               "weight": weight(a, a.bits)}) for k, v in TOKEN_WEIGHTS.items()]
+
+
+def add_weight_noise(model, rel_std: float, skip: str, seed: int = 0) -> None:
+    """``W += rel_std * std(W) * N(0, 1)`` in every linear but ``skip`` (the lm_head): how robust is the model?"""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != skip:
+                mod.weight += rel_std * mod.weight.std() * torch.randn(mod.weight.shape, generator=gen)
 
 
 def weight(a: argparse.Namespace, bits: int) -> dict:
@@ -64,9 +79,10 @@ def main() -> int:
     from llmc.eval.run import evaluate_position, fidelity_samples
     from llmc.models import load_adapter
     from llmc.runner import quantize_model
+    from llmc.testing.outliers import plant_outlier_columns
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", choices=("bits", "methods", "token_weight"), default="bits")
+    p.add_argument("--sweep", choices=("bits", "methods", "noise", "token_weight"), default="bits")
     p.add_argument("--model", default="builtin:tiny_vlm")
     p.add_argument("--type", default="qwen2_vl")
     p.add_argument("--method", default="GPTQ")
@@ -75,6 +91,10 @@ def main() -> int:
     p.add_argument("--n-calib", type=int, default=64)
     p.add_argument("--n-fid", type=int, default=64)
     p.add_argument("--limit", type=int, default=600, help="mme_synth questions (whole pairs)")
+    p.add_argument("--outlier-scale", type=float, default=0.0,
+                   help="first rescale outlier columns (llmc.testing.outliers); 0.0625 undoes the shipped model's x16")
+    p.add_argument("--outlier-channels", type=int, default=4)
+    p.add_argument("--outlier-seed", type=int, default=0)
     p.add_argument("--categories", nargs="+", default=["existence", "count", "color", "OCR"])
     a = p.parse_args()
     calib, test = resolve_builtin("builtin:mme_synth/calib"), resolve_builtin("builtin:mme_synth/test")
@@ -86,14 +106,19 @@ def main() -> int:
     rows = []
     for label, quant in settings(a):
         adapter = load_adapter(a.type, a.model, dtype="float32")
+        if a.outlier_scale:
+            plant_outlier_columns(adapter, a.outlier_scale, a.outlier_channels, seed=a.outlier_seed)
         ref = collect_reference(adapter, fid_samples, bs=32, max_new_tokens=2)
         row: dict = {"setting": label}
-        if quant is not None:
+        if quant is not None and "noise" in quant:
+            add_weight_noise(adapter.model, quant["noise"], adapter.parts.lm_head)
+        elif quant is not None:
             cfg = parse_config({
                 "model": {"type": a.type, "path": a.model, "dtype": "float32"},
                 "calib": {"name": "custom_mm", "path": calib, "n_samples": a.n_calib, "bs": 8, "seq_len": 512},
                 "quant": quant, "save": {"save_path": "/tmp/unused-mme-sweep"}})
             quantize_model(cfg, adapter, torch.device("cpu"))
+        if quant is not None:
             f = fidelity(adapter, ref)
             row.update(kl=f"{f['kl']:.3g}", answer_agreement=round(f["answer_agreement"], 3))
         res = next(iter(evaluate_position(adapter, ev, label)["tasks"].values()))
