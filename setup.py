@@ -19,6 +19,6 @@ setup(
     entry_points={
         "console_scripts": ["llmc=llmc.cli:main"],
         # `python -m lmms_eval --model llmc --model_args pretrained=SAVED_DIR ...`
-        "lmms_eval.models": ["llmc = llmc.eval.lmms_wrapper:lmms_manifest"],
+        "lmms_eval.models": ["llmc = llmc.eval.lmms_entry:lmms_manifest"],
     },
 )

@@ -70,6 +70,26 @@ def test_plugin_variable_registers_llmc(monkeypatch):
     assert importlib.util.find_spec("llmc.eval.tasks").submodule_search_locations[0]
 
 
+def entry_point_installed() -> bool:
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "llmc" for ep in entry_points(group="lmms_eval.models"))
+
+
+def test_entry_point_loads_inside_an_llmc_process():
+    """lmms-eval loads entry points while ``lmms_eval.models`` is importing; from an llmc job that import
+    comes through ``llmc.eval.lmms_compat``: no circular import, ``llmc`` resolvable without register()."""
+    if not entry_point_installed():
+        pytest.skip("llmc is not pip-installed with its lmms_eval.models entry point")
+    code = ("import llmc.eval.lmms_compat as c\n"
+            "print(c.models.get_model_manifest('llmc').simple_class_path)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().endswith("llmc.eval.lmms_wrapper.LLMCLMM")
+    assert "Failed to load model entry-point" not in run.stdout + run.stderr
+
+
 def test_lmms_eval_cli_and_shim_on_saved_folder(tmp_path, tiny_model, calib_dir, capsys):
     ckpt = saved_fake_quant(tiny_model("qwen2_vl"), calib_dir, tmp_path)
     data = make_mme_synth(tmp_path / "synth", "test", n_images=6, seed=0)
@@ -79,9 +99,12 @@ def test_lmms_eval_cli_and_shim_on_saved_folder(tmp_path, tiny_model, calib_dir,
             "--include_path", str(tmp_path / "task" / "tasks"), "--batch_size", "4", "--log_samples"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                PYTHONPATH=str(ROOT), HF_DATASETS_CACHE=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    # plain `python -m lmms_eval --model llmc` through the entry point when llmc is pip-installed (CI),
+    # else through lmms-eval's plugin variable
+    cli_env = env if entry_point_installed() else dict(env, LMMS_EVAL_PLUGINS="llmc.eval")
     runs = {  # all at once: most of the time is imports
         "plugin": subprocess.Popen([sys.executable, "-m", "lmms_eval", *args, "--output_path", str(tmp_path / "o1")],
-                                   env=dict(env, LMMS_EVAL_PLUGINS="llmc.eval"), cwd=tmp_path,
+                                   env=cli_env, cwd=tmp_path,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
         "shim": subprocess.Popen([sys.executable, "-c", SHIM_KEEPING_LOGURU_SINKS, *args, "--output_path",
                                   str(tmp_path / "o2")], env=env, cwd=tmp_path,

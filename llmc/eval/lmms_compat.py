@@ -32,8 +32,7 @@ def loguru_handlers_kept() -> Iterator[None]:
 with loguru_handlers_kept():
     from lmms_eval import evaluator, models
     from lmms_eval.api.model import lmms
-    from lmms_eval.models.registry_v2 import ModelManifest
     from lmms_eval.tasks import TaskManager
     from lmms_eval.tasks.mme import utils as mme_utils
 
-__all__ = ["ModelManifest", "TaskManager", "evaluator", "lmms", "loguru_handlers_kept", "mme_utils", "models"]
+__all__ = ["TaskManager", "evaluator", "lmms", "loguru_handlers_kept", "mme_utils", "models"]

@@ -9,7 +9,7 @@ the type read from ``config.json`` when not given).
 Registration with lmms-eval 0.7.3 (which resolves ``--model NAME`` through its
 ``ModelRegistryV2``), in order of preference:
 
-* entry point ``lmms_eval.models`` -> :func:`lmms_manifest` (needs llmc pip-installed
+* entry point ``lmms_eval.models`` -> :func:`llmc.eval.lmms_entry.lmms_manifest` (needs llmc pip-installed
   with that entry point in ``setup.py``);
 * ``LMMS_EVAL_PLUGINS=llmc.eval`` (deprecated by lmms-eval, works without installing:
   reads ``llmc.eval.models.AVAILABLE_MODELS`` and ``llmc.eval.tasks``);
@@ -28,11 +28,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from llmc.eval.generation import encode_batch, generate, model_device
-from llmc.eval.lmms_compat import ModelManifest, lmms, models
+from llmc.eval.lmms_compat import lmms, models
+from llmc.eval.lmms_entry import lmms_manifest
 from llmc.models.base import ModelAdapter
 
-MODEL_NAME = "llmc"
-CLASS_PATH = "llmc.eval.lmms_wrapper.LLMCLMM"
 DEFAULT_MAX_NEW_TOKENS = 16
 
 __all__ = ["LLMCLMM", "detect_model_type", "encode_batch", "generate", "lmms_manifest", "model_device",
@@ -144,11 +143,6 @@ class LLMCLMM(lmms):
             bar.update(len(chunk))
         bar.close()
         return results  # type: ignore[return-value]
-
-
-def lmms_manifest() -> ModelManifest:
-    """Entry point payload for the ``lmms_eval.models`` group (``--model llmc``)."""
-    return ModelManifest(model_id=MODEL_NAME, simple_class_path=CLASS_PATH)
 
 
 def register() -> None:
