@@ -92,7 +92,8 @@ def _bar_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
     ax.set_ylim(0, top * 1.1)
     ax.set_ylabel("score")
     ax.set_title("evaluation by position")
-    ax.legend(fontsize=8)
+    # above the axes, one column per position: never on top of a bar
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=max(1, len(positions)), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
