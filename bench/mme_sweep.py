@@ -1,6 +1,6 @@
 """Quantize one model under several settings and score each on held-out mme_synth questions.
 
-Two sweeps, each printing a markdown table (mme_synth per category + total, and fidelity to the
+Four sweeps, each printing a markdown table (mme_synth per category + total, and fidelity to the
 float model: mean KL over answer positions, answer agreement):
 
 * ``--sweep bits``: the quantization sensitivity table: float, RTN W8/W4/W3/W2 (g32), language
@@ -13,7 +13,11 @@ float model: mean KL over answer positions, answer agreement):
   ``quant.token_weight`` settings (image vs text tokens in the calibration statistics).
 
     python bench/mme_sweep.py --sweep bits
+    python bench/mme_sweep.py --sweep methods
+    python bench/mme_sweep.py --sweep noise --outlier-scale 0.0625   # the trained weights, no outlier columns
     python bench/mme_sweep.py --sweep token_weight --method GPTQ --bits 3
+
+The figures in ``docs/evaluation.md`` and ``docs/tiny_vlm.md`` use ``--limit 400 --n-fid 64 --n-calib 64``.
 """
 from __future__ import annotations
 
