@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
@@ -215,3 +216,22 @@ def test_position_with_fidelity_reference(qwen, mme_data, tmp_path, calib_dir):
     with pytest.raises(ValueError, match="calibration samples"):  # evaluating on the calibration data itself
         make_reference(qwen, EvalConfig(name="mme_synth", path=str(calib_dir), fidelity_samples=4),
                        calibration=load_samples("custom_mm", calib_dir, 12), work_dir=tmp_path)
+
+
+def test_real_mme_template_config(qwen, mme_data, calib_dir, tmp_path):
+    """``configs/real_mme_awq_w4a16.yml`` with its three placeholders filled is a valid job whose eval
+    section scores the local MME copy."""
+    import yaml
+
+    from llmc.config import parse_config
+
+    repo = Path(__file__).resolve().parents[1]
+    data = yaml.safe_load((repo / "configs" / "real_mme_awq_w4a16.yml").read_text())
+    assert {data["model"]["path"], data["calib"]["path"], data["eval"]["path"]} == {
+        "/path/to/Qwen2-VL-2B-Instruct", "/path/to/calib", "/path/to/MME"}
+    data["model"]["path"], data["calib"]["path"] = str(qwen.path), str(calib_dir)
+    data["eval"].update(path=str(mme_data["hf_parquet"]), limit=4)
+    data["save"]["save_path"] = str(tmp_path / "out")
+    cfg = parse_config(data, root=repo / "configs")
+    t = evaluate_position(qwen, cfg.eval, "pretrain", work_dir=tmp_path)["tasks"]["mme_local"]
+    assert t["n_questions"] == 4 and len(t["categories"]) == 2
