@@ -6,6 +6,10 @@ set -euo pipefail
 out=${1:?usage: tools/make_tiny_vlm.sh OUT [SEED]}
 seed=${2:-0}
 py=${PYTHON:-python}
+if [ -e "$out" ]; then
+    echo "make_tiny_vlm.sh: $out exists; give a new folder (nothing is overwritten)" >&2
+    exit 2
+fi
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
