@@ -30,21 +30,6 @@ from tiny_vlm_data import LMMS_POST_PROMPT, aux_questions
 from llmc.data import mme_synth as ms
 
 
-def mme_scores(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """lmms-eval MME aggregation: per category 100 * (acc + acc+), acc+ over both questions of an image."""
-    from lmms_eval.tasks.mme.utils import parse_pred_ans
-
-    per_cat: dict[str, dict[str, list[bool]]] = {}
-    for r in rows:
-        ok = parse_pred_ans(r["pred"]) == r["answer"].lower()
-        per_cat.setdefault(r["category"], {}).setdefault(r["question_id"], []).append(ok)
-    out = {}
-    for cat, groups in per_cat.items():
-        flat = [x for g in groups.values() for x in g]
-        out[cat] = 100 * (sum(flat) / len(flat) + sum(all(g) for g in groups.values()) / len(groups))
-    return out
-
-
 def _prompt(sample: dict[str, Any], lmms_prompt: bool) -> str:
     question = sample["question"].strip()
     return question.replace(ms.SUFFIX, "") + LMMS_POST_PROMPT if lmms_prompt else question
@@ -59,6 +44,8 @@ def evaluate(model: Any, processor: Any, bench: Path, lmms_prompt: bool = True,
     replaced by :data:`LMMS_POST_PROMPT`), else the generator's question verbatim.
     """
     from PIL import Image
+
+    from llmc.eval.mme_local import category_scores, score_samples
 
     samples = json.loads((bench / "samples.json").read_text())
     tok = processor.tokenizer
@@ -75,7 +62,8 @@ def evaluate(model: Any, processor: Any, bench: Path, lmms_prompt: bool = True,
         out = model.generate(**batch, max_new_tokens=4, do_sample=False)
         preds = tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         rows += [dict(s, pred=p) for s, p in zip(chunk, preds)]
-    return mme_scores(rows), rows
+    # lmms-eval's own MME scoring: per category acc + acc+, acc+ over the two questions of an image
+    return category_scores(score_samples(rows, [r["pred"] for r in rows])), rows
 
 
 def test_descriptors(n_images: int, seed: int, size: int) -> list[tuple[Any, ...]]:
