@@ -8,12 +8,13 @@ setup(
     package_data={"llmc": ["assets/*/*"]},  # the trained tiny VLM (builtin:tiny_vlm)
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4", "torchvision", "transformers>=5.0,<6", "accelerate", "safetensors", "tokenizers",
+        "torch>=2.4", "torchvision", "transformers>=5.0,<6", "accelerate>=1.0", "safetensors", "tokenizers",
         "loguru", "pyyaml", "tqdm", "pillow", "numpy",
     ],
     extras_require={
-        "eval": ["lmms-eval==0.7.3", "matplotlib"],
-        "export": ["compressed-tensors==0.20.0"],
+        # lmms-eval 0.7.3 imports filelock._api, which filelock 4.3 removed
+        "eval": ["lmms-eval==0.7.3", "filelock<4.3", "matplotlib"],
+        "export": ["compressed-tensors==0.20.0", "gguf>=0.17"],
         "dev": ["pytest"],
     },
     entry_points={
