@@ -1,29 +1,50 @@
-"""Command line: ``python -m llmc CONFIG [--overwrite]`` (also ``tpu/llm_quant.py --config_path``).
+"""Command line of llmc.
 
-``python -m llmc inspect MODEL_DIR [--trust-remote-code] [--depth N]``: the module tree, what
-``model.type: auto`` finds and the skeleton of an explicit adapter (docs/add_model.md).
+* ``python -m llmc CONFIG [--overwrite] [--debug]`` (also ``llmc run CONFIG``, ``tpu/llm_quant.py
+  --config_path CONFIG``): one quantization job.
+* ``python -m llmc inspect MODEL_DIR``: what ``model.type: auto`` finds (docs/add_model.md).
+* ``python -m llmc doctor``: versions, the device and the known incompatibilities.
+
+Exit codes: 0 success, 2 a bad config, path or input (nothing was written), 1 any other failure.
+A failure prints one line on the console; the traceback goes to the job's log (``--debug``
+prints it on the console too).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from loguru import logger
 
 from llmc.strict import ConfigError
 
+SUBCOMMANDS = {
+    "run": "run one quantization job from a YAML config (the default: `llmc CONFIG` is `llmc run CONFIG`)",
+    "inspect": "show what `model.type: auto` finds in a checkpoint folder (no weights are read)",
+    "doctor": "print versions and the device; check the known incompatibilities, with a fix for each",
+}
+USAGE_ERRORS = (ConfigError, FileExistsError, FileNotFoundError, ValueError)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmc", description="Post-training quantization of (vision-)language models.")
+    epilog = "subcommands:\n" + "\n".join(f"  {k:8s} {v}" for k, v in SUBCOMMANDS.items())
+    epilog += "\n\n`llmc SUBCOMMAND --help` shows a subcommand's options."
+    usage = ("llmc [run] CONFIG [--overwrite] [--debug]\n       llmc inspect MODEL_DIR [--trust-remote-code]"
+             "\n       llmc doctor")
+    p = argparse.ArgumentParser(prog="llmc", description="Post-training quantization of (vision-)language models.",
+                                usage=usage, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="YAML config file")
     p.add_argument("--config_path", "--config-path", dest="config_path", help="YAML config file (same as CONFIG)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing save.save_path")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing save.save_path (only a folder llmc wrote)")
+    p.add_argument("--debug", action="store_true", help="print tracebacks on the console too")
     return p
 
 
 def inspect_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmc inspect", description="Show what model.type: auto finds in a checkpoint.")
-    p.add_argument("model_dir", help="a checkpoint folder (config.json); no weights are read")
+    p.add_argument("model_dir", help="a local checkpoint folder (config.json); no weights are read")
     p.add_argument("--trust-remote-code", action="store_true", help="run code files shipped with the checkpoint")
     p.add_argument("--depth", type=int, default=6, help="module tree depth")
     return p
@@ -43,28 +64,52 @@ def inspect_main(argv: list[str]) -> int:
     return 0 if handled else 3
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one job; 0 on success, 2 on a bad config or path, 1 on any other failure."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "inspect":
-        return inspect_main(argv[1:])
+def _console_sink(debug: bool) -> None:
+    """INFO and above on stderr; records bound with ``file_only`` (tracebacks) only with ``--debug``."""
+    logger.remove()
+    logger.add(sys.stderr, level="INFO", filter=None if debug else (lambda r: not r["extra"].get("file_only")))
+
+
+def run_main(argv: list[str]) -> int:
+    """Run one job; 0 on success, 2 on a bad config, path or input, 1 on any other failure."""
     args = build_parser().parse_args(argv)
     path = args.config_path or args.config
     if not path:
         build_parser().print_usage(sys.stderr)
-        print("llmc: error: give a config file", file=sys.stderr)
+        print("llmc: error: give a config file (or a subcommand: " + ", ".join(SUBCOMMANDS) + ")", file=sys.stderr)
         return 2
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
+    _console_sink(args.debug)
+    from llmc.runner import JobFailed
+
     try:
         from llmc.config import load_config
         from llmc.runner import run_job
 
         run_job(load_config(path), overwrite=args.overwrite)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except USAGE_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc()
         print(f"llmc: error: {exc}", file=sys.stderr)
         return 2
+    except JobFailed as exc:
+        print(f"llmc: failed: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc.__cause__, USAGE_ERRORS) else 1
     except Exception as exc:  # noqa: BLE001 - any failure must give a non-zero exit code
+        if args.debug:
+            traceback.print_exc()
         print(f"llmc: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "inspect":
+        return inspect_main(argv[1:])
+    if argv and argv[0] == "doctor":
+        from llmc.doctor import doctor_main
+
+        return doctor_main(argv[1:])
+    if argv and argv[0] == "run":
+        argv = argv[1:]
+    return run_main(argv)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 
-from llmc.builtin import is_builtin, resolve_builtin
+from llmc.builtin import check_builtin, is_builtin
 from llmc.quant.primitives import QuantSpec
 from llmc.strict import ConfigError, from_dict, suggest
 
@@ -44,9 +44,11 @@ class ModelConfig:
 
 @dataclass
 class CalibConfig:
+    """Calibration data; ``n_samples: null`` takes every sample of the dataset (logged)."""
+
     name: str = "custom_mm"
     path: str | None = None
-    n_samples: int = 128
+    n_samples: int | None = 128
     bs: int = 1
     seq_len: int = 512
     padding: bool = True
@@ -55,6 +57,14 @@ class CalibConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        from llmc.calib.datasets import LOADERS
+
+        if self.name not in LOADERS:
+            raise ConfigError(f"calib.name: {self.name!r} is not a calibration dataset{suggest(self.name, LOADERS)}; "
+                              f"valid: {sorted(LOADERS)}")
+        if self.n_samples is not None and self.n_samples < 1:
+            raise ConfigError(f"calib.n_samples: {self.n_samples} is not valid; use a number >= 1, or null for "
+                              f"every sample of the dataset")
         if self.bs != -1 and self.bs < 1:
             raise ConfigError(f"calib.bs: {self.bs} is not valid; use -1 (all in one batch) or >= 1")
         if self.seq_len < 1:
@@ -222,6 +232,7 @@ class LLMCConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     run: RunConfig = field(default_factory=RunConfig)
     source: Path | None = None
+    notes: list[str] = field(default_factory=list, init=False)  # what parsing changed, logged by the job
 
     def __post_init__(self) -> None:
         if self.eval is not None and "real_quant" in self.eval.eval_pos and not (self.save.save_vllm or
@@ -232,16 +243,48 @@ class LLMCConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("notes")
         return d
 
 
-def _resolve(path: str | None, root: Path) -> str | None:
+def _resolve(path: str | None, root: Path, key: str) -> str | None:
+    """An absolute path (relative ones against ``root``); ``builtin:`` paths are checked and kept as they are."""
     if path is None:
         return None
     if is_builtin(path):
-        return resolve_builtin(path)
+        try:
+            check_builtin(path)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from exc
+        return path
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (root / p).resolve())
+
+
+def _exists(path: str | None, key: str) -> None:
+    if path is not None and not is_builtin(path) and not Path(path).exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+
+
+ALIASES = {"model": {"torch_dtype": "dtype"}}  # ModelTC llmc spellings -> ours
+
+
+def _apply_aliases(data: dict, notes: list[str]) -> dict:
+    """Accept the spellings of configs written for ModelTC llmc (``model.torch_dtype``), with a note."""
+    data = dict(data)
+    for section, names in ALIASES.items():
+        sub = data.get(section)
+        if not isinstance(sub, dict):
+            continue
+        sub = dict(sub)
+        for old, new in names.items():
+            if old in sub:
+                if new in sub:
+                    raise ConfigError(f"{section}: give {new!r} or its alias {old!r}, not both")
+                sub[new] = sub.pop(old)
+                notes.append(f"config: {section}.{old} read as {section}.{new} (ModelTC llmc spelling)")
+        data[section] = sub
+    return data
 
 
 def parse_config(data: Any, root: Path | None = None, source: Path | None = None) -> LLMCConfig:
@@ -249,32 +292,36 @@ def parse_config(data: Any, root: Path | None = None, source: Path | None = None
     if not isinstance(data, dict):
         raise ConfigError(f"config: expected a mapping of sections, got {type(data).__name__}")
     data = dict(data)
-    if "source" in data:
-        raise ConfigError("config: 'source' is reserved")
-    cfg = from_dict(LLMCConfig, data, "config")
+    for key in ("source", "notes"):
+        if key in data:
+            raise ConfigError(f"config: {key!r} is reserved")
+    notes: list[str] = []
+    cfg = from_dict(LLMCConfig, _apply_aliases(data, notes), "config")
+    cfg.notes = notes
     root = root or Path.cwd()
-    cfg.model.path = _resolve(cfg.model.path, root)
-    cfg.save.save_path = _resolve(cfg.save.save_path, root)
+    cfg.model.path = _resolve(cfg.model.path, root, "model.path")
+    if is_builtin(cfg.save.save_path):
+        raise ConfigError("save.save_path: a builtin: path cannot be written to; give a folder")
+    cfg.save.save_path = _resolve(cfg.save.save_path, root, "save.save_path")
     if cfg.calib is not None:
-        cfg.calib.path = _resolve(cfg.calib.path, root)
+        cfg.calib.path = _resolve(cfg.calib.path, root, "calib.path")
     if cfg.eval is not None:
-        cfg.eval.path = _resolve(cfg.eval.path, root)
-        if cfg.eval.path is not None and not Path(cfg.eval.path).exists():
-            raise ConfigError(f"eval.path: {cfg.eval.path} does not exist")
+        cfg.eval.path = _resolve(cfg.eval.path, root, "eval.path")
     for key in PATH_SPECIAL_KEYS:
         if isinstance(cfg.quant.special.get(key), str):
-            cfg.quant.special[key] = _resolve(cfg.quant.special[key], root)
+            cfg.quant.special[key] = _resolve(cfg.quant.special[key], root, f"quant.special.{key}")
     cfg.source = source
-    if not Path(cfg.model.path).exists():
-        raise ConfigError(f"model.path: {cfg.model.path} does not exist")
-    if cfg.calib is not None and cfg.calib.path is not None and not Path(cfg.calib.path).exists():
-        raise ConfigError(f"calib.path: {cfg.calib.path} does not exist")
+    _exists(cfg.model.path, "model.path")
+    _exists(cfg.calib.path if cfg.calib is not None else None, "calib.path")
+    _exists(cfg.eval.path if cfg.eval is not None else None, "eval.path")
     return cfg
 
 
 def load_config(path: str | Path) -> LLMCConfig:
     """Read and validate a YAML config file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give the YAML file (e.g. {path / 'default.yml'})")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -6,6 +6,7 @@ on CPU. Each block's quantized outputs feed the next block.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -179,6 +180,7 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
     blocks = adapter.blocks(part)
     prefix = adapter.blocks_path(part)
     for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} {part} blocks"):
+        t0 = time.time()
         block = blocks[i]
         block.to(device)
         src = adapter.kwargs_source(part, i)
@@ -191,7 +193,8 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
         calls = [c.with_hidden(adapter.between_blocks(part, i, o, c.extras)) for c, o in zip(calls, outs)]
         if device.type != "cpu":
             block.to("cpu")
-        logger.debug(f"{part} block {i}: done")
+        # the console shows the progress bar; the job's log gets one line per block
+        logger.bind(file_only=True).info(f"{algorithm.name} {part} block {i + 1}/{len(blocks)}: {time.time() - t0:.1f}s")
     return [primary(c.args, c.kwargs) for c in calls]
 
 

@@ -1,9 +1,14 @@
-"""One job: load, transform, calibrate, quantize, save — everything under ``save.save_path``."""
+"""One job: check, load, plan, calibrate, quantize, save, evaluate — everything under ``save.save_path``.
+
+Every input is checked before any work (save path, model folder, eval task names); the job then
+runs as named steps in a temporary folder (:class:`llmc.jobdir.JobFolder`): outputs are written
+right after quantization, before the evaluations, and a later failure keeps them.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -13,21 +18,24 @@ import yaml
 from loguru import logger
 
 from llmc.algorithms import build_algorithms
+from llmc.builtin import is_builtin, local_path
 from llmc.calib import batches as make_batches
 from llmc.calib import load_samples
 from llmc.config import ConfigError, LLMCConfig
-from llmc.eval.job import JobEvaluation
-from llmc.export.atomic import atomic_dir
 from llmc.context import SpecResolver
+from llmc.eval.job import JobEvaluation
 from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan, export_trans
 from llmc.export.hf import save_hf_folder
+from llmc.guard import check_save_path
+from llmc.jobdir import JobFailed, JobFolder
 from llmc.models import ModelAdapter, load_adapter
+from llmc.models.checkpoint import check_checkpoint
 from llmc.pipeline import capture, process_blocks, resolve_device
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec
-from llmc.quant.resolve import check_layers, make_resolver
+from llmc.quant.resolve import check_layers, check_patterns, make_resolver
 
-LOG_NAME = "llmc.log"
+__all__ = ["JobFailed", "calibration_batches", "plan_layers", "quantize_model", "run_job", "save_outputs"]
 
 
 def seed_everything(seed: int) -> None:
@@ -36,28 +44,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_paths(cfg: LLMCConfig, overwrite: bool) -> Path:
-    """The save path must be new (or ``overwrite``) and never the model's folder or around it."""
-    save = Path(cfg.save.save_path).resolve()
-    model = Path(cfg.model.path).resolve()
-    if save == model or model in save.parents or save in model.parents:
-        raise ConfigError(f"save.save_path: {save} overlaps the model folder {model}; "
-                          f"the model's folder is never written to, choose a separate folder")
-    if save.exists() and not overwrite:
-        raise FileExistsError(f"save.save_path: {save} already exists; choose another path or pass --overwrite")
-    return save
-
-
 def calibration_batches(cfg: LLMCConfig, adapter: ModelAdapter) -> list[dict[str, torch.Tensor]]:
     c = cfg.calib
     if c is None or c.path is None:
         raise ConfigError("calib: the chosen method needs calibration data; set calib.name and calib.path")
-    samples = load_samples(c.name, c.path, c.n_samples, seed=c.seed if c.seed is not None else cfg.base.seed,
+    samples = load_samples(c.name, local_path(c.path), c.n_samples, seed=c.seed if c.seed is not None else cfg.base.seed,
                            shuffle=c.shuffle)
     groups = make_batches(samples, c.bs)
     if not c.padding and any(len(g) > 1 for g in groups):
         raise ConfigError("calib.padding: false needs calib.bs: 1 (samples of a batch differ in length)")
-    logger.info(f"calibration: {len(samples)} samples from {c.path} in {len(groups)} batches (seq_len {c.seq_len})")
+    every = " (n_samples: null: every sample)" if c.n_samples is None else ""
+    logger.info(f"calibration: {len(samples)} samples{every} from {c.path} in {len(groups)} batches of up to "
+                f"{c.bs} (seq_len {c.seq_len})")
     return [adapter.batch_process(g, with_answer=True, chat_template=c.apply_chat_template,
                                   max_length=c.seq_len) for g in groups]
 
@@ -69,6 +67,7 @@ def plan_layers(cfg: LLMCConfig, adapter: ModelAdapter) -> tuple[list[str], Spec
         if p not in adapter.available_parts():
             raise ConfigError(f"quant.quant_objects: {adapter.model_type} has no {p} part; "
                               f"valid: {adapter.available_parts()}")
+    check_patterns(cfg.quant, adapter.model)
     resolver = make_resolver(cfg.quant, adapter.default_skip)
     return parts, resolver, check_layers(adapter, parts, resolver)
 
@@ -101,58 +100,102 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
     return {n: m.spec.describe() for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
-def _run(cfg: LLMCConfig, out: Path) -> None:
-    (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    seed_everything(cfg.base.seed)
-    device = resolve_device(cfg.run.device)
-    logger.info(f"llmc: model {cfg.model.type} from {cfg.model.path} on {device}")
-    adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
-                           cfg.model.trust_remote_code)
-    _, _, specs = plan_layers(cfg, adapter)
-    keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
-    check_save_plan(keys, {n: (s, cfg.quant.act_bits) for n, s in specs.items()}, adapter.parts.vision_tower)
-    evaluation = JobEvaluation(cfg, adapter, device, out)
-    evaluation.before_quant()
-    layers = quantize_model(cfg, adapter, device, state_dir=out)
-    logger.info(f"quantized {len(layers)} linear layers")
-    (out / "quant_layers.json").write_text(json.dumps(layers, indent=1))
-    evaluation.after_quant()
-    save_outputs(cfg, adapter, out)
+def materialize(cfg: LLMCConfig) -> LLMCConfig:
+    """The config with its ``builtin:`` paths made (tiny models, mme_synth splits) and resolved."""
+    out = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local_path(cfg.model.path)))
+    if cfg.calib is not None:
+        out.calib = dataclasses.replace(cfg.calib, path=local_path(cfg.calib.path))
+    if cfg.eval is not None:
+        out.eval = dataclasses.replace(cfg.eval, path=local_path(cfg.eval.path))
+    out.notes = list(cfg.notes)
+    return out
+
+
+def precheck(cfg: LLMCConfig, overwrite: bool) -> Path:
+    """Everything that can be checked before any work or any model weight is read; returns the save path."""
+    save = check_save_path(cfg, overwrite)
+    build_algorithms(cfg.quant)  # a bad method, special key or missing quant.act fails now
+    if cfg.eval is not None and cfg.eval.eval_pos:
+        from llmc.eval.run import check_tasks
+
+        check_tasks(cfg.eval)
+    if not is_builtin(cfg.model.path):
+        check_checkpoint(cfg.model.type, cfg.model.path)
+    return save
+
+
+def _evaluate_and_report(cfg: LLMCConfig, job: JobFolder, evaluation: JobEvaluation) -> None:
+    with job.step("evaluate after quantization"):
+        evaluation.after_quant()
     for key in ("save_vllm", "save_sgl"):
         if getattr(cfg.save, key):
-            evaluation.real_quant(out / FOLDERS[key])
+            with job.step(f"evaluate real_quant ({FOLDERS[key]}/)"):
+                evaluation.real_quant(job.path / FOLDERS[key])
             break
-    evaluation.finish()
+    with job.step("report"):
+        evaluation.finish()
 
 
-def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, out: Path) -> None:
-    """Every folder ``save`` asks for, each written whole or not at all."""
+def _run(cfg: LLMCConfig, job: JobFolder) -> None:
+    out = job.path
+    (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    for note in cfg.notes:
+        logger.info(note)
+    seed_everything(cfg.base.seed)
+    device = resolve_device(cfg.run.device)
+    with job.step("load model"):
+        logger.info(f"llmc: model {cfg.model.type} from {cfg.model.path} on {device}")
+        adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
+                               cfg.model.trust_remote_code)
+    with job.step("plan"):
+        _, _, specs = plan_layers(cfg, adapter)
+        keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
+        check_save_plan(keys, {n: (s, cfg.quant.act_bits) for n, s in specs.items()}, adapter.parts.vision_tower)
+    evaluation = JobEvaluation(cfg, adapter, device, out)
+    with job.step("evaluate before quantization"):
+        evaluation.before_quant()
+    with job.step("quantize"):
+        layers = quantize_model(cfg, adapter, device, state_dir=out)
+        logger.info(f"quantized {len(layers)} linear layers")
+        (out / "quant_layers.json").write_text(json.dumps(layers, indent=1))
+        job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable search results
+    save_outputs(cfg, adapter, job)
+    _evaluate_and_report(cfg, job, evaluation)
+
+
+def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, job: JobFolder) -> None:
+    """Every folder ``save`` asks for, each written whole or not at all, each kept once written."""
+    out = job.path
     if cfg.save.save_trans:
-        export_trans(adapter, out / "trans", tpu_check=cfg.save.tpu_check)
+        with job.step("save trans/"):
+            export_trans(adapter, out / "trans", tpu_check=cfg.save.tpu_check)
+            job.keep("trans")
         logger.info(f"saved transformed float model to {cfg.save.save_path}/trans")
     if cfg.save.save_fake:
-        save_hf_folder(adapter, out / "fake", fake=True)
+        with job.step("save fake/"):
+            save_hf_folder(adapter, out / "fake", fake=True)
+            job.keep("fake")
         logger.info(f"saved fake-quant model to {cfg.save.save_path}/fake")
     for key in cfg.save.real_quant_keys():
-        EXPORTERS[key](adapter, out / FOLDERS[key])
+        with job.step(f"save {FOLDERS[key]}/"):
+            EXPORTERS[key](adapter, out / FOLDERS[key])
+            job.keep(FOLDERS[key])
         logger.info(f"{key}: saved {cfg.save.save_path}/{FOLDERS[key]}")
 
 
 def run_job(cfg: LLMCConfig, overwrite: bool = False) -> Path:
-    """Run the whole job; ``save_path`` appears only when everything succeeded."""
-    save = check_paths(cfg, overwrite)
-    build_algorithms(cfg.quant)  # a bad method, special key or missing quant.act fails before any work
-    failed_log = save.parent / f"{save.name}.failed.log"
-    with atomic_dir(save, overwrite) as out:
-        sink = logger.add(out / LOG_NAME, level=cfg.run.log_level)
-        try:
-            _run(cfg, out)
-        except BaseException:
-            logger.exception("job failed")
-            logger.remove(sink)
-            shutil.copy(out / LOG_NAME, failed_log)
-            logger.error(f"the log of the failed job is at {failed_log}")
+    """Run the whole job. ``save_path`` appears when it succeeded, or when a step failed after some
+    outputs were finished (then :class:`JobFailed` is raised, naming the step and what was kept)."""
+    save = precheck(cfg, overwrite)
+    cfg = materialize(cfg)
+    job = JobFolder(save, cfg.run.log_level)
+    try:
+        _run(cfg, job)
+    except BaseException as exc:
+        err = job.fail(exc)
+        if err is exc:
             raise
-        logger.remove(sink)
+        raise err from exc
+    job.succeed()
     logger.info(f"done: {save}")
     return save

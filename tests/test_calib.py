@@ -40,7 +40,7 @@ def test_custom_mm_loads_all_image_forms(tmp_path: Path) -> None:
         {"image": str((tmp_path / "ds" / "images" / "b.png").resolve()), "question": "q4"},
         {"image": "images/a.png", "question": "q5", "answer": "Yes", "category": "color", "question_id": "x.png"},
     ])
-    got = load_samples("custom_mm", root, 0)
+    got = load_samples("custom_mm", root, None)
     a, b = (root / "images" / "a.png").resolve(), (root / "images" / "b.png").resolve()
     assert got == [
         Sample("q0", (a,), "a0"),
@@ -176,7 +176,7 @@ def test_custom_mm_symlink_inside_is_fine(tmp_path: Path) -> None:
 def test_custom_mm_empty_list(tmp_path: Path) -> None:
     root = _mm(tmp_path / "ds", [])
     with pytest.raises(ValueError, match="is an empty list; expected at least one sample"):
-        load_samples("custom_mm", root, 0)
+        load_samples("custom_mm", root, None)
 
 
 # ---------------------------------------------------------------- custom_txt
@@ -188,14 +188,14 @@ def test_custom_txt_folder_sorted_and_skips_empty(tmp_path: Path) -> None:
     (d / "a.txt").write_text("first")
     (d / "c.txt").write_text("  \n")
     (d / "notes.md").write_text("ignored")
-    assert load_samples("custom_txt", d, 0) == [Sample("first"), Sample("second")]
+    assert load_samples("custom_txt", d, None) == [Sample("first"), Sample("second")]
 
 
 def test_custom_txt_json_file(tmp_path: Path) -> None:
     f = tmp_path / "texts.json"
     f.write_text(json.dumps(["one", "", "two", "three"]))
-    assert [s.question for s in load_samples("custom_txt", f, 0)] == ["one", "two", "three"]
-    assert all(s.images == () and s.answer is None for s in load_samples("custom_txt", f, 0))
+    assert [s.question for s in load_samples("custom_txt", f, None)] == ["one", "two", "three"]
+    assert all(s.images == () and s.answer is None for s in load_samples("custom_txt", f, None))
 
 
 def test_custom_txt_folder_with_data_json(tmp_path: Path) -> None:
@@ -251,8 +251,10 @@ def ten_texts(tmp_path: Path) -> Path:
 def test_n_samples_first_n_and_all(ten_texts: Path) -> None:
     assert [s.question for s in load_samples("custom_txt", ten_texts, 3)] == ["t0", "t1", "t2"]
     assert len(load_samples("custom_txt", ten_texts, 10)) == 10
-    assert len(load_samples("custom_txt", ten_texts, 0)) == 10
-    assert len(load_samples("custom_txt", ten_texts, -1)) == 10
+    assert len(load_samples("custom_txt", ten_texts, None)) == 10
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"n_samples={bad} is not valid; use a number >= 1, or None"):
+            load_samples("custom_txt", ten_texts, bad)
 
 
 def test_n_samples_too_many(ten_texts: Path) -> None:

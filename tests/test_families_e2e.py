@@ -9,16 +9,9 @@ from llmc.config import parse_config
 from llmc.models import load_adapter
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.runner import quantize_model
-from llmc.testing.tiny_more import MODEL_TYPES
+from llmc.testing import vlm_families
 
-FAMILIES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "llava_clip_llama": "llava",
-            "llava_siglip_qwen2": "llava", **MODEL_TYPES}
-try:
-    from llmc.testing.tiny_more2 import MODEL_TYPES as MORE
-    FAMILIES.update(MORE)
-except ImportError:  # pragma: no cover
-    pass
-FAMILIES.pop("smolvlm", None)  # same adapter as idefics3; its processor needs num2words
+FAMILIES = vlm_families()
 
 
 @pytest.mark.parametrize("method", ["AWQ", "GPTQ"])

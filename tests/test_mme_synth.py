@@ -79,7 +79,7 @@ def test_samples_json_matches_jsonl(bench: Path) -> None:
 
 
 def test_loads_with_custom_mm(bench: Path) -> None:
-    samples = load_samples("custom_mm", bench, 0)
+    samples = load_samples("custom_mm", bench, None)
     rows = _jsonl(bench / "mme.jsonl")
     assert len(samples) == len(rows)
     for s, r in zip(samples, rows):

@@ -190,12 +190,12 @@ LOADERS: dict[str, Callable[[str | Path], list[Sample]]] = {
 
 
 def load_samples(
-    name: str, path: str | Path, n_samples: int, seed: int = 42, shuffle: bool = False
+    name: str, path: str | Path, n_samples: int | None, seed: int = 42, shuffle: bool = False
 ) -> list[Sample]:
     """Load ``n_samples`` samples of dataset ``name`` from ``path``.
 
     The first ``n_samples`` are taken, after a shuffle seeded with ``seed`` when
-    ``shuffle`` is true; ``n_samples <= 0`` means all of them. Asking for more
+    ``shuffle`` is true; ``n_samples=None`` means all of them. Asking for more
     samples than the dataset holds is an error.
     """
     if name not in LOADERS:
@@ -203,8 +203,10 @@ def load_samples(
     samples = list(LOADERS[name](path))
     if shuffle:
         random.Random(seed).shuffle(samples)
-    if n_samples <= 0:
+    if n_samples is None:
         return samples
+    if n_samples < 1:
+        raise ValueError(f"n_samples={n_samples} is not valid; use a number >= 1, or None for every sample")
     if n_samples > len(samples):
         raise ValueError(
             f"n_samples={n_samples} requested but dataset {name!r} at {str(path)!r} has only "

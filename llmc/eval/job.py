@@ -13,12 +13,25 @@ from typing import Any
 import torch
 from loguru import logger
 
+from llmc.builtin import local_path
 from llmc.calib import load_samples
 from llmc.config import LLMCConfig
 from llmc.models.base import ModelAdapter
 from llmc.quant.fake_linear import set_fake_quant
 
 POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
+
+
+def describe_job(cfg: LLMCConfig) -> str:
+    """One line: model, method, weight (and activation) setting per part, the quantized parts."""
+    q = cfg.quant
+    parts = [p for p in ("vision", "language") if p in q.quant_objects]
+    specs = {p: q.part_weight(p).to_spec().describe() for p in parts}
+    weights = specs[parts[0]] if len(set(specs.values())) == 1 else ", ".join(f"{p} {s}" for p, s in specs.items())
+    act = f" a{q.act_bits}" if q.act_bits else ""
+    extra = " (+ overrides)" if q.overrides or q.skip_layers else ""
+    return (f"{cfg.model.type} {Path(cfg.model.path).name}: {' + '.join(q.methods)} {weights}{act}{extra} "
+            f"on {' + '.join(parts)}")
 
 
 class JobEvaluation:
@@ -42,7 +55,7 @@ class JobEvaluation:
         c = self.cfg.calib
         if c is None or c.path is None:
             return []
-        return load_samples(c.name, c.path, c.n_samples, seed=c.seed if c.seed is not None else self.cfg.base.seed,
+        return load_samples(c.name, local_path(c.path), c.n_samples, seed=c.seed if c.seed is not None else self.cfg.base.seed,
                             shuffle=c.shuffle)
 
     def before_quant(self) -> None:
@@ -80,6 +93,6 @@ class JobEvaluation:
             return None
         from llmc.eval.report import write_report
 
-        table = write_report(self.results, self.work)  # prints the table
+        table = write_report(self.results, self.work, describe_job(self.cfg))  # prints the table
         logger.info(f"evaluation report: {self.cfg.save.save_path}/eval/report.md")
         return table

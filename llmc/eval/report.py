@@ -72,42 +72,77 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bar_chart(results: dict[str, dict[str, Any]], path: Path) -> None:
+def _chart_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, float]]]:
+    """Per-category rows and the total; perception/cognition sub-totals left out (cognition is often empty)."""
+    return [(label, vals) for label, vals in score_rows(results) if not label.endswith(("/perception", "/cognition"))]
+
+
+def _fidelity_text(results: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for pos, r in results.items():
+        f = r.get("fidelity")
+        if f:
+            lines.append(f"{pos}: KL {_fmt(f['kl'], 4)}, top-1 agreement {100 * f['top1_agreement']:.1f} %, "
+                         f"answer agreement {100 * f['answer_agreement']:.1f} %")
+    return "fidelity vs the float model (held-out samples):\n  " + ("\n  ".join(lines) if lines else "not measured")
+
+
+def _bar_chart(results: dict[str, dict[str, Any]], path: Path, title: str | None = None) -> None:
+    """Recovery % (value / baseline) per category and the total, one bar per later position, each bar
+    labelled with the scores and the delta; the axis is zoomed on the losses. With only the baseline,
+    its absolute scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(label, vals) for label, vals in score_rows(results)
-            if not label.endswith(("/perception", "/cognition", "/total"))]
-    positions = list(results)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(rows) * max(1, len(positions)) / 2 + 2), 4.5))
-    width = 0.8 / max(1, len(positions))
-    for k, pos in enumerate(positions):
-        xs = [i + (k - (len(positions) - 1) / 2) * width for i in range(len(rows))]
-        ax.bar(xs, [vals.get(pos, 0.0) for _, vals in rows], width=width, label=pos)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([label for label, _ in rows], rotation=45, ha="right", fontsize=8)
-    top = max([v for _, vals in rows for v in vals.values()] + [1.0])
-    ax.set_ylim(0, top * 1.1)
-    ax.set_ylabel("score")
-    ax.set_title("evaluation by position")
-    # above the axes, one column per position: never on top of a bar
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.06), ncol=max(1, len(positions)), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    base = baseline_position(results)
+    others = [p for p in results if p != base] or [base]
+    rows = _chart_rows(results)
+    n_fid = sum(1 for r in results.values() if r.get("fidelity"))
+    fig, ax = plt.subplots(figsize=(9.5, 1.6 + 0.5 * len(rows) * len(others) + 0.25 * n_fid))
+    height = 0.8 / len(others)
+    recs = []
+    for k, pos in enumerate(others):
+        for i, (label, vals) in enumerate(rows):
+            b, v = vals.get(base), vals.get(pos)
+            if v is None:
+                continue
+            rec = 100.0 * v / b if b else float("nan")
+            recs.append(rec)
+            y = i + (k - (len(others) - 1) / 2) * height
+            ax.barh(y, rec if b else 0.0, height=height * 0.9, color=f"C{k}", label=pos if i == 0 else None)
+            text = f"{v:.0f}" if pos == base else f"{b:.0f} → {v:.0f} ({v - b:+.0f}, {rec:.1f} %)"
+            ax.text(rec if b else 0.0, y, "  " + (text if b else f"{v:.0f} (baseline 0)"), va="center", fontsize=8)
+    finite = [r for r in recs if r == r]
+    low = min(finite + [100.0])
+    ax.set_xlim(max(0.0, min(90.0, low - 5.0)), max(finite + [100.0]) + 12.0)
+    ax.axvline(100.0, color="0.3", lw=0.8, ls="--")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([label for label, _ in rows], fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"recovery % of {base} (100 = no loss)")
+    ax.set_title((title + "\n" if title else "") + f"score recovery vs {base}", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.text(0.01, 0.01, _fidelity_text(results), fontsize=8, va="bottom")
+    fig.tight_layout(rect=(0, 0.02 + 0.03 * (n_fid + 1), 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def write_report(results: dict[str, dict[str, Any]], out_dir: str | Path) -> str:
-    """Write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``; returns (and prints) the table."""
+def write_report(results: dict[str, dict[str, Any]], out_dir: str | Path, title: str | None = None) -> str:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``; returns (and prints) the table.
+
+    ``title`` says what was quantized (model, method, bits/group, parts)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(results)
-    payload = {"baseline": baseline_position(results), "positions": list(results), "results": results}
+    payload = {"title": title, "baseline": baseline_position(results), "positions": list(results),
+               "results": results}
     (out / "report.json").write_text(json.dumps(payload, indent=1, default=float) + "\n", encoding="utf-8")
-    title = f"# Evaluation report\n\nBaseline: `{payload['baseline']}`; recovery % = 100 * value / baseline.\n\n"
-    (out / "report.md").write_text(title + table, encoding="utf-8")
-    _bar_chart(results, out / "report.png")
+    about = f"{title}\n\n" if title else ""
+    head = f"# Evaluation report\n\n{about}Baseline: `{payload['baseline']}`; recovery % = 100 * value / baseline.\n\n"
+    (out / "report.md").write_text(head + table, encoding="utf-8")
+    _bar_chart(results, out / "report.png", title)
     print(table)
     return table

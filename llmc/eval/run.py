@@ -34,12 +34,13 @@ from llmc.eval.lmms_compat import TaskManager, evaluator
 from llmc.eval.lmms_wrapper import LLMCLMM, model_device
 from llmc.eval.report import write_report
 from llmc.models.base import ModelAdapter
-from llmc.strict import ConfigError
+from llmc.strict import ConfigError, suggest
 
 LOCAL_TASKS = ("mme", "mme_synth")
+DEFAULT_MME_SYNTH = "builtin:mme_synth/test"  # eval data of mme_synth when eval.path is not set
 _PREPARED: dict[tuple, mme_local.LocalTask] = {}
 
-__all__ = ["evaluate_position", "fidelity_samples", "make_reference", "resolve_data", "write_report"]
+__all__ = ["check_tasks", "evaluate_position", "fidelity_samples", "make_reference", "resolve_data", "write_report"]
 
 
 def _task_names(eval_cfg: Any) -> list[str]:
@@ -49,16 +50,32 @@ def _task_names(eval_cfg: Any) -> list[str]:
     return names
 
 
+def check_tasks(eval_cfg: Any) -> None:
+    """Every task name is ``mme``, ``mme_synth`` or an lmms-eval task; checked before any model loads."""
+    others = [n for n in _task_names(eval_cfg) if n not in LOCAL_TASKS]
+    if not others:
+        return
+    logger.info(f"eval.name: checking {others} against lmms-eval's task index")
+    known = set(TaskManager("ERROR", include_defaults=True, model_name="llmc").all_tasks)
+    bad = [n for n in others if n not in known]
+    if bad:
+        hints = "; ".join(f"{n!r}{suggest(n, known) or ' (no close match)'}" for n in bad)
+        raise ConfigError(f"eval.name: unknown task(s) {hints}. Valid: {list(LOCAL_TASKS)} (local data) or one of "
+                          f"lmms-eval's {len(known)} tasks (`python -m lmms_eval --tasks list` lists them)")
+
+
 def resolve_data(path: str | None, name: str) -> str:
     """The local data folder/file of an ``mme`` / ``mme_synth`` evaluation (``path`` is ``eval.path``)."""
+    from llmc.builtin import is_builtin, resolve_builtin
+
+    if is_builtin(path):
+        return resolve_builtin(path)
     if path is not None:
         if not Path(path).exists():
             raise ConfigError(f"eval.path: {path} does not exist")
         return str(path)
     if name == "mme_synth":
-        from llmc.builtin import resolve_builtin
-
-        return resolve_builtin("builtin:mme_synth/test")
+        return resolve_builtin(DEFAULT_MME_SYNTH)
     raise ConfigError(f"eval.path: `{name}` needs a local copy of the data (parquet, a `datasets` folder or an "
                       "mme_synth folder); nothing is downloaded")
 

@@ -163,21 +163,19 @@ def export_sgl(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool = F
 def load_real_quant(folder: str | Path, dtype: torch.dtype = torch.float32, auto_class=None) -> nn.Module:
     """Reload a compressed-tensors export with transformers (eval position ``real_quant``).
 
-    Symmetric schemes load as is. Asymmetric ``pack-quantized`` needs
-    ``dequantize=True``: transformers 5 + compressed-tensors 0.20 size the
-    zero point unpacked (``[out, groups]``) while the library (and vLLM) store it
-    packed (``[out / 8, groups]``), so the plain path fails with a size mismatch.
+    Always with ``CompressedTensorsConfig(dequantize=True)``: the library reads the packed
+    tensors and dequantizes them at load time (bit-exact to the fake-quant weights). The other
+    path of transformers 5.23 + compressed-tensors 0.20 keeps the linears compressed and their
+    forward then fails (``'Linear' object has no attribute 'weight'``, seen on LLaVA's CLIP
+    tower), and for asymmetric schemes it sizes the packed zero point wrongly.
     ``auto_class``: ``adapter.auto_model_class()`` (default: image-text-to-text).
     """
-    import json
     import warnings
 
     from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
 
-    qc = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
-    asym = any(not (g.get("weights") or {}).get("symmetric", True) for g in qc["config_groups"].values())
-    kwargs = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if asym else {}
     with warnings.catch_warnings():  # "loading attributes ... will be overwritten": intended
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = (auto_class or AutoModelForImageTextToText).from_pretrained(folder, dtype=dtype, **kwargs)
+        model = (auto_class or AutoModelForImageTextToText).from_pretrained(
+            folder, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True))
     return model.eval()

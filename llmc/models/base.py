@@ -26,8 +26,15 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class ModelAdapter(ABC):
     """Base class of every adapter. Subclasses set the class attributes and layouts."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "model_type" in cls.__dict__ and "hf_model_types" not in cls.__dict__:
+            cls.hf_model_types = (cls.model_type,)
+
     model_type: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
+    # config.json ``model_type`` values this adapter handles (default: its own model_type)
+    hf_model_types: ClassVar[tuple[str, ...]] = ()
     parts: ClassVar[ModelParts]
     is_vlm: ClassVar[bool] = True
     default_skip: ClassVar[tuple[str, ...]] = ("lm_head",)

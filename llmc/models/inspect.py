@@ -127,7 +127,12 @@ class {name}Adapter(ModelAdapter):
 
 
 def inspect_report(path: str | Path, trust_remote_code: bool = False, max_depth: int = 6) -> tuple[str, bool]:
-    """(printable report, whether ``model.type: auto`` can handle the model)."""
+    """(printable report, whether ``model.type: auto`` can handle the model).
+
+    ``path`` must be a local checkpoint folder with ``config.json`` (never taken for a hub id)."""
+    from llmc.models.checkpoint import read_config
+
+    read_config(path, "MODEL_DIR")
     model, is_vlm = build_meta_model(path, trust_remote_code)
     d = discover(model, is_vlm)
     out = [f"# {path}: {type(model).__name__} ({'vision-language' if is_vlm else 'text-only'})", "", "## Module tree",

@@ -30,6 +30,12 @@ def valid_types() -> list[str]:
     return sorted({cls.model_type for cls in _ADAPTERS.values()})
 
 
+def adapters_for(hf_model_type: str) -> list[type["ModelAdapter"]]:
+    """The adapters whose ``hf_model_types`` include a checkpoint's ``config.json`` ``model_type``."""
+    seen = dict.fromkeys(_ADAPTERS.values())
+    return [cls for cls in seen if hf_model_type in cls.hf_model_types]
+
+
 def adapter_class(model_type: str) -> type["ModelAdapter"]:
     """The adapter registered for ``model_type`` (case, '_' and '-' are ignored)."""
     cls = _ADAPTERS.get(_norm(model_type))

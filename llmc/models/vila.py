@@ -29,6 +29,7 @@ TOWER_BLOCKS = ("vision_tower.encoder.layers", "vision_tower.vision_model.encode
 class VilaAdapter(ModelAdapter):
     model_type = "vila"
     aliases = ("VILA", "NVILA", "vila_tiny")
+    hf_model_types = ("vila", "vila_tiny", "llava_llama")
     parts = ModelParts(
         language_blocks="llm.model.layers",
         embed_tokens="llm.model.embed_tokens",

@@ -1,6 +1,8 @@
 """Which spec each layer gets: part settings, skip patterns and per-pattern overrides."""
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Iterable
@@ -11,7 +13,29 @@ from llmc.strict import ConfigError
 if TYPE_CHECKING:
     from llmc.config import QuantConfig
     from llmc.context import SpecResolver
+    from torch import nn
+
     from llmc.models.base import ModelAdapter
+
+
+def check_patterns(quant: "QuantConfig", model: "nn.Module") -> None:
+    """Every ``skip_layers`` / ``overrides`` pattern must match a module of the model (a typo would
+    otherwise quantize every layer); the error lists the closest module names."""
+    from torch import nn
+
+    names = [n for n, _ in model.named_modules() if n]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # what a user would write: block indices as '*', or '*.' + the last two name components
+    candidates = sorted({re.sub(r"\.\d+\.", ".*.", n) for n in linears} |
+                        {"*." + ".".join(n.split(".")[-2:]) for n in linears})
+    patterns = [("quant.skip_layers", p) for p in quant.skip_layers]
+    patterns += [(f"quant.overrides[{i}].pattern", o.pattern) for i, o in enumerate(quant.overrides)]
+    for key, pattern in patterns:
+        if any(fnmatchcase(n, pattern) for n in names):
+            continue
+        close = difflib.get_close_matches(pattern, candidates, n=3, cutoff=0.0)
+        raise ConfigError(f"{key}: {pattern!r} matches no module of the model; closest layer names: {close} "
+                          f"(patterns are fnmatch on full module names, e.g. '*.mlp.down_proj')")
 
 
 def make_resolver(quant: "QuantConfig", default_skip: Iterable[str] = ()) -> "SpecResolver":
