@@ -115,7 +115,7 @@ def main() -> int:
         ref = collect_reference(adapter, fid_samples, bs=32, max_new_tokens=2)
         row: dict = {"setting": label}
         if quant is not None and "noise" in quant:
-            add_weight_noise(adapter.model, quant["noise"], adapter.parts.lm_head)
+            add_weight_noise(adapter.model, quant["noise"], adapter.model_parts.lm_head)
         elif quant is not None:
             cfg = parse_config({
                 "model": {"type": a.type, "path": a.model, "dtype": "float32"},

@@ -14,13 +14,13 @@ from typing import Any, Literal
 import yaml
 
 from llmc.builtin import check_builtin, is_builtin
-from llmc.quant.primitives import QuantSpec
+from llmc.quant.primitives import VALID_BITS, QuantSpec
 from llmc.strict import ConfigError, from_dict, suggest
 
 __all__ = ["ConfigError", "LLMCConfig", "load_config", "parse_config"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-PATH_SPECIAL_KEYS = ("load_scales",)  # quant.special keys holding paths: resolved like the others
+PATH_SPECIAL_KEYS = ("load_scales", "load_state")  # quant.special keys holding paths: resolved like the others
 
 
 @dataclass
@@ -105,8 +105,8 @@ class WeightConfig:
     group_size: int = 128
 
     def __post_init__(self) -> None:
-        if self.bit not in (2, 3, 4, 8):
-            raise ConfigError(f"bit: {self.bit!r} is not supported; valid: [2, 3, 4, 8]")
+        if self.bit not in VALID_BITS:
+            raise ConfigError(f"bit: {self.bit!r} is not supported; valid: {list(VALID_BITS)}")
         if self.granularity == "per_group" and self.group_size <= 0:
             raise ConfigError(f"group_size: {self.group_size} must be > 0 for per_group granularity")
 

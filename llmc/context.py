@@ -1,4 +1,4 @@
-"""What an algorithm sees of one block: the block, its layout, its cached calls, helpers."""
+"""What an algorithm sees of one block: the block, its layout, its plan entries, its cached calls, helpers."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from llmc.models.layout import BlockLayout
+from llmc.plan import LayerPlan, Part, QuantPlan, Role
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec
-
-SpecResolver = Callable[[str, str], "QuantSpec | None"]
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -28,7 +27,7 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
-def primary(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden-state input of a module call (first positional, else ``hidden_states``)."""
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
@@ -37,7 +36,7 @@ def primary(args: tuple, kwargs: dict) -> torch.Tensor:
     raise ValueError(f"cannot find the hidden-state input among args={len(args)} kwargs={sorted(kwargs)}")
 
 
-def with_primary(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
     """The same call with its hidden-state input replaced by ``x``."""
     if args and isinstance(args[0], torch.Tensor):
         return (x, *args[1:]), kwargs
@@ -53,18 +52,18 @@ def first_tensor(out: Any) -> torch.Tensor:
 class CachedCall:
     """One recorded call of a block: its inputs and the per-token weight of its hidden state.
 
-    ``weight`` has the hidden state's leading shape (``[B, T]``), 0 on padding;
-    None means every row counts with weight 1 (vision blocks).
+    ``token_weight`` has the hidden state's leading shape (``[B, T]``), 0 on padding, the user's
+    ``quant.token_weight`` elsewhere; None means every row counts with weight 1 (vision blocks).
     """
 
     args: tuple
     kwargs: dict
-    weight: torch.Tensor | None = None
+    token_weight: torch.Tensor | None = None
     block_kwargs: dict[int, dict] | None = None  # captured call kwargs by block index (block kinds)
     extras: dict | None = None  # what the adapter adds between blocks (ModelAdapter.between_blocks)
 
     def with_hidden(self, x: torch.Tensor) -> "CachedCall":
-        args, kwargs = with_primary(self.args, self.kwargs, x)
+        args, kwargs = with_hidden_input(self.args, self.kwargs, x)
         return replace(self, args=args, kwargs=kwargs)
 
     def kwargs_for(self, source: int) -> dict:
@@ -94,17 +93,16 @@ def flatten_rows(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Te
 
 @dataclass
 class BlockContext:
-    """One block of one part, ready for an algorithm."""
+    """One block of one part, ready for an algorithm; ``plan`` says how each of its linears is quantized."""
 
-    part: str
+    part: Part
     index: int
     prefix: str
     block: nn.Module
     layout: BlockLayout
     calls: list[CachedCall]
     device: torch.device
-    resolver: SpecResolver
-    act_bits: int | None = None
+    plan: QuantPlan
 
     def get(self, name: str) -> nn.Module:
         return self.block.get_submodule(name)
@@ -112,9 +110,17 @@ class BlockContext:
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
+    def layer(self, name: str) -> LayerPlan | None:
+        """The plan entry of the block's linear ``name`` (None: not in the plan)."""
+        return self.plan.get(self.full_name(name))
+
     def spec(self, name: str) -> QuantSpec | None:
-        """Quant spec of the block's linear ``name``; None when it is skipped."""
-        return self.resolver(self.full_name(name), self.part)
+        """Quant spec of the block's linear ``name``; None when it is kept float."""
+        return self.plan.spec(self.full_name(name))
+
+    def has_role(self, name: str, role: Role) -> bool:
+        layer = self.layer(name)
+        return layer is not None and role in layer.roles
 
     @torch.no_grad()
     def run(self) -> list[torch.Tensor]:
@@ -149,16 +155,16 @@ class BlockContext:
 
     def inputs(self, names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
         """The hidden-state input of each submodule, per block call."""
-        return {n: [primary(a, k) for a, k in calls] for n, calls in self.record_calls(names).items()}
+        return {n: [hidden_input(a, k) for a, k in calls] for n, calls in self.record_calls(names).items()}
 
     def reads_hidden(self, name: str) -> bool:
         """Does linear ``name`` read the block's token rows (so token weights apply to its input)?"""
-        return all(g.reads_hidden for g in self.layout.groups if name in g.linears)
+        return not self.has_role(name, Role.READS_OTHER)
 
     def weights_for(self, name: str) -> list[torch.Tensor | None]:
         """Per-call token weights of linear ``name``'s input rows (None: every row counts)."""
         keep = self.reads_hidden(name)
-        return [c.weight if keep else None for c in self.calls]
+        return [c.token_weight if keep else None for c in self.calls]
 
     @torch.no_grad()
     def stream_inputs(self, names: Sequence[str],
@@ -175,7 +181,7 @@ class BlockContext:
         def make_hook(n: str):
             def hook(mod, args, kwargs):
                 counts[n] += 1
-                fn(n, primary(args, kwargs), current[0].weight if keep[n] else None)
+                fn(n, hidden_input(args, kwargs), current[0].token_weight if keep[n] else None)
             return hook
 
         hooks = [self.get(n).register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in names]
@@ -193,11 +199,11 @@ class BlockContext:
     def quantize(self, name: str, scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
                  g_idx: torch.Tensor | None = None) -> FakeQuantLinear | None:
         """Replace linear ``name`` by its fake-quant version (min/max RTN unless params are given)."""
-        spec = self.spec(name)
+        layer = self.layer(name)
         lin = self.get(name)
-        if spec is None or isinstance(lin, FakeQuantLinear):
+        if layer is None or layer.spec is None or isinstance(lin, FakeQuantLinear):
             return None
-        fq = FakeQuantLinear.from_linear(lin, spec, scale, zero, g_idx, act_bits=self.act_bits)
+        fq = FakeQuantLinear.from_linear(lin, layer, scale, zero, g_idx)
         parent_name, _, child = name.rpartition(".")
         parent = self.get(parent_name) if parent_name else self.block
         setattr(parent, child, fq)

@@ -37,9 +37,9 @@ def job_inputs(cfg: LLMCConfig) -> dict[str, Path]:
         names = [cfg.eval.name] if isinstance(cfg.eval.name, str) else cfg.eval.name
         default = "builtin:mme_synth/test" if "mme_synth" in names else None  # llmc.eval.run.DEFAULT_MME_SYNTH
         found["eval.path"] = _path(cfg.eval.path or default)
-    load = cfg.quant.special.get("load_scales")
-    if isinstance(load, str):
-        found["quant.special.load_scales"] = _path(load)
+    for key in ("load_scales", "load_state"):
+        if isinstance(cfg.quant.special.get(key), str):
+            found[f"quant.special.{key}"] = _path(cfg.quant.special[key])
     return {k: v for k, v in found.items() if v is not None}
 
 

@@ -15,7 +15,8 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
-from llmc.context import BlockContext, CachedCall, SpecResolver, primary, to_device
+from llmc.context import BlockContext, CachedCall, hidden_input, to_device
+from llmc.plan import Part, QuantPlan
 
 if TYPE_CHECKING:
     from llmc.algorithms.base import Algorithm
@@ -48,7 +49,7 @@ class _Recorder(nn.Module):
             self.sink.append((args, kwargs))
         if self.stop:
             raise _StopForward
-        return primary(args, kwargs)
+        return hidden_input(args, kwargs)
 
 
 @contextmanager
@@ -116,7 +117,7 @@ def token_weights(adapter: "ModelAdapter", batch: dict[str, torch.Tensor],
 def _language_weight(adapter: "ModelAdapter", batch: dict, args: tuple, kwargs: dict,
                      weights: dict[str, float] | None, device: torch.device) -> torch.Tensor:
     w = token_weights(adapter, batch, weights).to(device)
-    hidden = primary(args, kwargs)
+    hidden = hidden_input(args, kwargs)
     if tuple(hidden.shape[:-1]) != tuple(w.shape):
         raise RuntimeError(f"language block input {tuple(hidden.shape)} does not line up with the input ids "
                            f"{tuple(w.shape)}")
@@ -172,7 +173,7 @@ def _no_cache(kwargs: dict) -> dict:
 
 
 def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], algorithm: "Algorithm",
-                   resolver: SpecResolver, device: torch.device, act_bits: int | None = None) -> list[torch.Tensor]:
+                   plan: QuantPlan, device: torch.device) -> list[torch.Tensor]:
     """Apply ``algorithm`` to every block of ``part`` in order, chaining quantized outputs.
 
     Returns the last block's outputs, one per cached call.
@@ -185,9 +186,8 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
         block.to(device)
         src = adapter.kwargs_source(part, i)
         block_calls = [c.for_block(adapter.block_call_kwargs(part, i, c.kwargs_for(src))) for c in calls]
-        ctx = BlockContext(part=part, index=i, prefix=f"{prefix}.{i}", block=block,
-                           layout=adapter.block_layout(part, block), calls=block_calls,
-                           device=device, resolver=resolver, act_bits=act_bits)
+        ctx = BlockContext(part=Part.parse(part), index=i, prefix=f"{prefix}.{i}", block=block,
+                           layout=adapter.block_layout(part, block), calls=block_calls, device=device, plan=plan)
         algorithm.process_block(ctx)
         outs = ctx.run()
         calls = [c.with_hidden(adapter.between_blocks(part, i, o, c.extras)) for c, o in zip(calls, outs)]
@@ -195,7 +195,7 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
             block.to("cpu")
         # the console shows the progress bar; the job's log gets one line per block
         logger.bind(file_only=True).info(f"{algorithm.name} {part} block {i + 1}/{len(blocks)}: {time.time() - t0:.1f}s")
-    return [primary(c.args, c.kwargs) for c in calls]
+    return [hidden_input(c.args, c.kwargs) for c in calls]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,12 +17,12 @@ import torch
 import yaml
 from loguru import logger
 
-from llmc.algorithms import build_algorithms
+from llmc.algorithms import Algorithm, build_algorithms
+from llmc.algorithms.base import describe_pipeline
 from llmc.builtin import is_builtin, local_path
 from llmc.calib import batches as make_batches
 from llmc.calib import load_samples
 from llmc.config import ConfigError, LLMCConfig
-from llmc.context import SpecResolver
 from llmc.eval.job import JobEvaluation
 from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan, export_trans
 from llmc.export.hf import save_hf_folder
@@ -31,11 +31,10 @@ from llmc.jobdir import JobFailed, JobFolder
 from llmc.models import ModelAdapter, load_adapter
 from llmc.models.checkpoint import check_checkpoint
 from llmc.pipeline import capture, process_blocks, resolve_device
+from llmc.plan import QuantPlan, build_plan
 from llmc.quant.fake_linear import FakeQuantLinear
-from llmc.quant.primitives import QuantSpec
-from llmc.quant.resolve import check_layers, check_patterns, make_resolver
 
-__all__ = ["JobFailed", "calibration_batches", "plan_layers", "quantize_model", "run_job", "save_outputs"]
+__all__ = ["JobFailed", "calibration_batches", "quantize_model", "run_job", "save_outputs"]
 
 
 def seed_everything(seed: int) -> None:
@@ -60,44 +59,45 @@ def calibration_batches(cfg: LLMCConfig, adapter: ModelAdapter) -> list[dict[str
                                   max_length=c.seq_len) for g in groups]
 
 
-def plan_layers(cfg: LLMCConfig, adapter: ModelAdapter) -> tuple[list[str], SpecResolver, dict[str, QuantSpec]]:
-    """The parts to quantize, the spec resolver and every block linear's spec, checked up front."""
-    parts = [p for p in ("vision", "language") if p in cfg.quant.quant_objects]
-    for p in parts:
-        if p not in adapter.available_parts():
-            raise ConfigError(f"quant.quant_objects: {adapter.model_type} has no {p} part; "
-                              f"valid: {adapter.available_parts()}")
-    check_patterns(cfg.quant, adapter.model)
-    resolver = make_resolver(cfg.quant, adapter.default_skip)
-    return parts, resolver, check_layers(adapter, parts, resolver)
+def _check_applied(plan: QuantPlan, adapter: ModelAdapter) -> None:
+    """After quantization the model's fake-quant linears are exactly the plan's quantized layers."""
+    done = {n for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
+    wanted = {lp.name for lp in plan.quantized()}
+    if done != wanted:
+        raise RuntimeError(f"the quantizer did not follow the plan: missing {sorted(wanted - done)[:5]}, "
+                           f"unplanned {sorted(done - wanted)[:5]}")
 
 
-def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
-                   state_dir: Path | None = None, batches: list[dict] | None = None) -> dict[str, str]:
-    """Apply ``quant.method`` to the parts in ``quant_objects``; returns layer -> spec summary.
+def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, state_dir: Path | None = None,
+                   batches: list[dict] | None = None, plan: QuantPlan | None = None,
+                   algos: list[Algorithm] | None = None) -> dict[str, str]:
+    """Apply ``quant.method`` to the parts of the plan; returns layer -> setting of every quantized layer.
 
-    With ``state_dir``, each algorithm writes its replayable state there (AWQ's scales).
+    ``plan`` and ``algos`` are built from ``cfg`` when not given (the job builds each once).
+    With ``state_dir``, each algorithm writes its record there (AWQ's scales, GPTQ's integers).
     ``batches`` (model inputs) replace ``calib`` when given.
     """
-    algos = build_algorithms(cfg.quant)
-    parts, resolver, _ = plan_layers(cfg, adapter)
+    algos = algos if algos is not None else build_algorithms(cfg.quant)
+    plan = plan if plan is not None else build_plan(cfg.quant, adapter)
+    logger.info(f"pipeline: {describe_pipeline(algos)}")
     for algo in algos:
         algo.prepare_model(adapter, device)
     quantizer = algos[-1]
-    if not quantizer.needs_calib:
+    if not quantizer.needs_calibration():
         batches = []
     elif batches is None:
         batches = calibration_batches(cfg, adapter)
-    for part in parts:
+    for part in plan.parts:
         t0 = time.time()
-        calls = capture(adapter, part, batches, device, cfg.quant.token_weight) if batches else []
-        process_blocks(adapter, part, calls, quantizer, resolver, device, cfg.quant.act_bits)
-        logger.info(f"{quantizer.name} on {part}: {time.time() - t0:.1f}s")
+        calls = capture(adapter, part.value, batches, device, cfg.quant.token_weight) if batches else []
+        process_blocks(adapter, part.value, calls, quantizer, plan, device)
+        logger.info(f"{quantizer.name} on {part.value}: {time.time() - t0:.1f}s")
+    _check_applied(plan, adapter)
     if state_dir is not None:
         for algo in algos:
             for path in algo.save_state(state_dir):
-                logger.info(f"{algo.name}: saved {path.name} (replay with quant.special.load_scales)")
-    return {n: m.spec.describe() for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
+                logger.info(f"{algo.name}: saved {path.name} (replay with {algo.replay_with})")
+    return plan.settings()
 
 
 def materialize(cfg: LLMCConfig) -> LLMCConfig:
@@ -111,17 +111,18 @@ def materialize(cfg: LLMCConfig) -> LLMCConfig:
     return out
 
 
-def precheck(cfg: LLMCConfig, overwrite: bool) -> Path:
-    """Everything that can be checked before any work or any model weight is read; returns the save path."""
+def precheck(cfg: LLMCConfig, overwrite: bool) -> tuple[Path, list[Algorithm]]:
+    """Everything that can be checked before any work or any model weight is read: the save path and
+    the algorithms (a bad method, special key or missing quant.act fails now)."""
     save = check_save_path(cfg, overwrite)
-    build_algorithms(cfg.quant)  # a bad method, special key or missing quant.act fails now
+    algos = build_algorithms(cfg.quant)
     if cfg.eval is not None and cfg.eval.eval_pos:
         from llmc.eval.run import check_tasks
 
         check_tasks(cfg.eval)
     if not is_builtin(cfg.model.path):
         check_checkpoint(cfg.model.type, cfg.model.path)
-    return save
+    return save, algos
 
 
 def _evaluate_and_report(cfg: LLMCConfig, job: JobFolder, evaluation: JobEvaluation) -> None:
@@ -136,7 +137,7 @@ def _evaluate_and_report(cfg: LLMCConfig, job: JobFolder, evaluation: JobEvaluat
         evaluation.finish()
 
 
-def _run(cfg: LLMCConfig, job: JobFolder) -> None:
+def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
     out = job.path
     (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for note in cfg.notes:
@@ -148,17 +149,18 @@ def _run(cfg: LLMCConfig, job: JobFolder) -> None:
         adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
                                cfg.model.trust_remote_code)
     with job.step("plan"):
-        _, _, specs = plan_layers(cfg, adapter)
+        plan = build_plan(cfg.quant, adapter)
+        logger.info(f"plan: {plan.summary()}")
         keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
-        check_save_plan(keys, {n: (s, cfg.quant.act_bits) for n, s in specs.items()}, adapter.parts.vision_tower)
-    evaluation = JobEvaluation(cfg, adapter, device, out)
+        check_save_plan(keys, plan.quantized())
+    evaluation = JobEvaluation(cfg, adapter, device, out, plan)
     with job.step("evaluate before quantization"):
         evaluation.before_quant()
     with job.step("quantize"):
-        layers = quantize_model(cfg, adapter, device, state_dir=out)
-        logger.info(f"quantized {len(layers)} linear layers")
-        (out / "quant_layers.json").write_text(json.dumps(layers, indent=1))
-        job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable search results
+        quantize_model(cfg, adapter, device, state_dir=out, plan=plan, algos=algos)
+        logger.info(f"quantized {len(plan.quantized())} linear layers")
+        (out / "quant_layers.json").write_text(json.dumps(plan.to_json(), indent=1))
+        job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable records
     save_outputs(cfg, adapter, job)
     _evaluate_and_report(cfg, job, evaluation)
 
@@ -186,11 +188,11 @@ def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, job: JobFolder) -> None
 def run_job(cfg: LLMCConfig, overwrite: bool = False) -> Path:
     """Run the whole job. ``save_path`` appears when it succeeded, or when a step failed after some
     outputs were finished (then :class:`JobFailed` is raised, naming the step and what was kept)."""
-    save = precheck(cfg, overwrite)
+    save, algos = precheck(cfg, overwrite)
     cfg = materialize(cfg)
     job = JobFolder(save, cfg.run.log_level)
     try:
-        _run(cfg, job)
+        _run(cfg, job, algos)
     except BaseException as exc:
         err = job.fail(exc)
         if err is exc:

@@ -40,7 +40,7 @@ def test_auto_matches_explicit_adapter(family, tiny_model):
     explicit = load_adapter(HANDLED[family], path, dtype="float32")
     auto = load_adapter("auto", path, dtype="float32")
     assert auto.is_vlm == explicit.is_vlm
-    assert auto.parts == explicit.parts
+    assert auto.model_parts == explicit.model_parts
     assert auto.available_parts() == explicit.available_parts()
     for part in explicit.available_parts():
         blocks = explicit.blocks(part)
@@ -103,7 +103,7 @@ def test_skeleton_is_a_working_adapter(tiny_model):
     exec(compile(source, "<skeleton>", "exec"), namespace)  # registers model.type skeletonllava
     made = load_adapter("skeletonllava", str(path), dtype="float32")
     explicit = load_adapter("llava", str(path), dtype="float32")
-    assert made.parts == explicit.parts and made.rotation_targets() == explicit.rotation_targets()
+    assert made.model_parts == explicit.model_parts and made.rotation_targets() == explicit.rotation_targets()
     for part in explicit.available_parts():
         assert made.block_layout(part, made.blocks(part)[0]) == explicit.block_layout(part, explicit.blocks(part)[0])
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from llmc.plan import Part, plan_of_block
 from llmc.algorithms import awq
 from llmc.algorithms import build_algorithms as runner_build
 from llmc.algorithms.awq import AWQ, AWQOptions
@@ -74,8 +75,8 @@ def toy_calls(n: int = 2, t: int = 64, c: int = 128, seed: int = 1, pad: int = 0
 
 def make_ctx(block: nn.Module, layout: BlockLayout, calls: list[CachedCall], spec: QuantSpec | None,
              prefix: str = "blk.0") -> BlockContext:
-    return BlockContext(part="language", index=0, prefix=prefix, block=block, layout=layout, calls=calls,
-                        device=CPU, resolver=lambda name, part: spec)
+    return BlockContext(part=Part.LANGUAGE, index=0, prefix=prefix, block=block, layout=layout, calls=calls,
+                        device=CPU, plan=plan_of_block(prefix, block, layout, lambda name: spec))
 
 
 def make_awq(**kw) -> AWQ:
@@ -103,7 +104,7 @@ def test_awq_beats_rtn_on_outlier_channels(bits):
             for n in TOY_LAYOUT.linears():
                 block.get_submodule(n).enabled = False
             assert block_error(block, ref, held_out) < 1e-10
-            assert not torch.allclose(algo.records["blk.0.mlp_in"], torch.ones(128))
+            assert not torch.allclose(algo.record.scales["blk.0.mlp_in"], torch.ones(128))
     assert all(errs[k] < 0.7 * errs["rtn"] for k in variants if k != "rtn"), errs
 
 
@@ -268,10 +269,10 @@ def test_saved_record_replays_to_identical_weights(tmp_path):
     block, fresh = ToyBlock(), ToyBlock()
     algo = make_awq(clip_sym=False)
     algo.process_block(make_ctx(block, TOY_LAYOUT, toy_calls(), spec))
-    assert set(algo.records) == {"blk.0.mlp_in"} and set(algo.clips) == {"blk.0.mlp.a", "blk.0.mlp.b"}
-    path = awq.save_records(algo, tmp_path / "awq.pt")
+    assert set(algo.record.scales) == {"blk.0.mlp_in"} and set(algo.record.clips) == {"blk.0.mlp.a", "blk.0.mlp.b"}
+    (path,) = algo.save_state(tmp_path)
     replay = make_awq(load_scales=str(path))
-    assert replay.needs_calib is False
+    assert replay.needs_calibration() is False
     replay.process_block(make_ctx(fresh, TOY_LAYOUT, [], spec))  # no calibration data needed
     for n in ("norm.weight", "norm.bias", "mlp.a.weight", "mlp.b.weight"):
         assert torch.equal(block.get_parameter(n), fresh.get_parameter(n)), n
@@ -290,25 +291,47 @@ def test_padding_rows_do_not_influence_scales():
         algo = make_awq(clip_n_tokens=64)
         algo.process_block(make_ctx(ToyBlock(), TOY_LAYOUT, toy_calls(pad=pad), spec))
         results[pad] = algo
-    assert torch.allclose(results[0].records["blk.0.mlp_in"], results[16].records["blk.0.mlp_in"], rtol=1e-5)
-    for k, v in results[0].clips.items():
-        assert torch.equal(v, results[16].clips[k])
+    assert torch.allclose(results[0].record.scales["blk.0.mlp_in"], results[16].record.scales["blk.0.mlp_in"], rtol=1e-5)
+    for k, v in results[0].record.clips.items():
+        assert torch.equal(v, results[16].record.clips[k])
     # the same garbage rows with weight 1 do change the result (the check can fail)
     calls = toy_calls(pad=16)
-    calls = [dataclasses.replace(c, weight=torch.ones_like(c.weight)) for c in calls]
+    calls = [dataclasses.replace(c, token_weight=torch.ones_like(c.token_weight)) for c in calls]
     algo = make_awq(clip_n_tokens=64)
     algo.process_block(make_ctx(ToyBlock(), TOY_LAYOUT, calls, spec))
-    assert not torch.allclose(algo.records["blk.0.mlp_in"], results[0].records["blk.0.mlp_in"], rtol=1e-3)
+    assert not torch.allclose(algo.record.scales["blk.0.mlp_in"], results[0].record.scales["blk.0.mlp_in"], rtol=1e-3)
+
+
+def _block_ctx(adapter, part: str, index: int = 0) -> BlockContext:
+    from llmc.config import QuantConfig, WeightConfig
+    from llmc.plan import build_plan
+
+    block = adapter.blocks(part)[index]
+    return BlockContext(part=Part(part), index=index, prefix=f"{adapter.blocks_path(part)}.{index}", block=block,
+                        layout=adapter.block_layout(part, block), calls=[], device=CPU,
+                        plan=build_plan(QuantConfig(quant_objects=["vision", "language"],
+                                                    weight=WeightConfig(group_size=32)), adapter))
 
 
 def test_clip_skips_query_key_of_separate_qkv_attention(tiny_model):
     from llmc.models import load_adapter
 
     adapter = load_adapter("qwen2_vl", str(tiny_model("qwen2_vl")), dtype="float32")
-    lang = adapter.language_layout(adapter.blocks("language")[0])
-    assert awq.clip_skipped(lang) == {"self_attn.q_proj", "self_attn.k_proj"}
-    assert awq.clip_skipped(adapter.vision_layout(adapter.blocks("vision")[0])) == set()
-    assert awq.clip_skipped(TOY_LAYOUT) == set()
+    assert awq.clip_skipped(_block_ctx(adapter, "language")) == {"self_attn.q_proj", "self_attn.k_proj"}
+    assert awq.clip_skipped(_block_ctx(adapter, "vision")) == set()  # a fused qkv is clipped whole
+    assert awq.clip_skipped(make_ctx(ToyBlock(), TOY_LAYOUT, [], QuantSpec())) == set()
+
+
+def test_clip_skips_query_key_of_cross_attention_blocks(tiny_model):
+    """Mllama's cross-attention q/k are query/key projections too (the old guess by group order clipped them)."""
+    from llmc.models import load_adapter
+
+    adapter = load_adapter("mllama", str(tiny_model("mllama")), dtype="float32")
+    cross = adapter.cross_attention_layers()
+    assert cross
+    assert awq.clip_skipped(_block_ctx(adapter, "language", cross[0])) == {"cross_attn.q_proj", "cross_attn.k_proj"}
+    self_attn = next(i for i in range(len(adapter.blocks("language"))) if i not in cross)
+    assert awq.clip_skipped(_block_ctx(adapter, "language", self_attn)) == {"self_attn.q_proj", "self_attn.k_proj"}
 
 
 def test_options_are_strict():
@@ -390,9 +413,10 @@ def test_tiny_qwen2_vl_awq_beats_rtn_and_replays(tiny_model, calib_dir, tmp_path
                            for o, r, b in zip(out, ref, batches))
         sds[method] = export_state_dict(adapter.model, fake=True)
         if method == "AWQ":
-            awq.save_records(built[-1][-1], tmp_path / "r.pt")
+            (saved,) = built[-1][-1].save_state(tmp_path)
+            saved.rename(tmp_path / "r.pt")
     assert errs["AWQ"] < 0.7 * errs["RTN"], errs
-    assert built[-1][-1].needs_calib is False and sds["replay"].keys() == sds["AWQ"].keys()
+    assert built[-1][-1].needs_calibration() is False and sds["replay"].keys() == sds["AWQ"].keys()
     assert all(torch.equal(v, sds["replay"][k]) for k, v in sds["AWQ"].items())
 
 

@@ -125,6 +125,28 @@ def test_cli_writes_every_real_quant_format(tmp_path, tiny_model, calib_dir):
     adapter = load_adapter("qwen2_vl", str(tiny_model("qwen2_vl")), dtype="float32")
     batch = adapter.batch_process(load_samples("custom_mm", calib_dir, 2), max_length=256)
     torch.testing.assert_close(logits_of(real, batch), logits_of(fake, batch), atol=1e-4, rtol=1e-4)
+    # the packed AutoAWQ and GPTQ tensors, unpacked by hand, are the fake-quant weights (fp16 scales)
+    from safetensors.torch import load_file
+
+    from llmc.export.awq_gemm import awq_dequantize
+    from llmc.export.packing import unpack_int32
+
+    want = load_file(out / "fake" / "model.safetensors")
+    awq, gptq = load_file(out / "autoawq" / "model.safetensors"), load_file(out / "gptq" / "model.safetensors")
+    layers = [k.removesuffix(".qweight") for k in awq if k.endswith(".qweight")]
+    assert len(layers) == 22  # every quantized linear, vision and language
+    for name in layers:
+        w = want[f"{name}.weight"].float()
+        got = awq_dequantize(awq[f"{name}.qweight"], awq[f"{name}.qzeros"], awq[f"{name}.scales"], 32)
+        torch.testing.assert_close(got, w, atol=2e-3 * float(w.abs().max()), rtol=0)
+        if f"{name}.qweight" not in gptq:  # GPTQ keeps the vision tower as fake-quant float weights
+            assert name.startswith("visual.") and torch.equal(gptq[f"{name}.weight"].float(), w.half().float())
+            continue
+        q = unpack_int32(gptq[f"{name}.qweight"].t().contiguous(), 4).float()  # [out, in]
+        z = unpack_int32(gptq[f"{name}.qzeros"], 4).float().t() + 1  # v1 stores zero - 1; [out, G]
+        g = gptq[f"{name}.g_idx"].long()
+        s = gptq[f"{name}.scales"].float().t()
+        torch.testing.assert_close((q - z[:, g]) * s[:, g], w, atol=2e-3 * float(w.abs().max()), rtol=0)
 
 
 def test_unexportable_plan_fails_before_quantizing(tmp_path, tiny_model, calib_dir):
@@ -136,7 +158,8 @@ def test_unexportable_plan_fails_before_quantizing(tmp_path, tiny_model, calib_d
     run = subprocess.run([sys.executable, "-m", "llmc", str(f)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0 and "tpu" in run.stderr.lower()
     assert not (tmp_path / "out").exists()
-    assert "quantized" not in (tmp_path / "out.failed.log").read_text()
+    log = (tmp_path / "out.failed.log").read_text()
+    assert "step 'plan' failed" in log and "RTN on language" not in log  # refused before quantizing
 
 
 def test_readme_main_job(tmp_path):

@@ -40,11 +40,23 @@ def test_job_reports_every_position(tmp_path, tiny_model, calib_dir, test_split)
     assert run.returncode == 0, run.stderr[-4000:]
     ev = tmp_path / "out" / "eval"
     report = json.loads((ev / "report.json").read_text())
-    text = json.dumps(report)
-    for pos in ("pretrain", "transformed", "fake_quant", "real_quant"):
-        assert pos in text
+    res = report["results"]
+    assert list(res) == ["pretrain", "transformed", "fake_quant", "real_quant"] and report["baseline"] == "pretrain"
+    scores = {p: res[p]["tasks"]["mme_synth"] for p in res}
+    # RTN transforms nothing: the transformed model is the float model, its answers and scores are the same
+    assert scores["transformed"]["categories"] == scores["pretrain"]["categories"]
+    assert res["transformed"]["fidelity"]["kl"] < 1e-6 and res["transformed"]["fidelity"]["top1_agreement"] == 1.0
+    # the export reloaded from disk is the fake-quant model: same answers, same fidelity
+    assert scores["real_quant"]["categories"] == scores["fake_quant"]["categories"]
+    assert res["real_quant"]["fidelity"]["kl"] == pytest.approx(res["fake_quant"]["fidelity"]["kl"], abs=1e-6)
+    assert res["fake_quant"]["fidelity"]["kl"] > 1e-5  # quantization changed the model
+    for s in scores.values():  # MME arithmetic: total = perception + cognition, per-category sum
+        assert s["total"] == pytest.approx(s["perception"] + s["cognition"])
+        assert s["perception"] == pytest.approx(sum(s["categories"].values()))
     md = (ev / "report.md").read_text()
-    assert "existence" in md and "recovery" in md.lower()
+    b, v = scores["pretrain"]["total"], scores["fake_quant"]["total"]
+    rec = f"{100 * v / b:.1f}" if b else "n/a"
+    assert f"| mme_synth/total | {b:.2f} | {v:.2f} | {v - b:.2f} | {rec} |" in md
     assert (ev / "report.png").stat().st_size > 1000
     assert "evaluation report" in (tmp_path / "out" / "llmc.log").read_text()
 

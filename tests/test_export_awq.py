@@ -29,7 +29,7 @@ from llmc.export.formats import check_save_plan
 from llmc.models import load_adapter
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec
-from llmc.quant.resolve import check_layers, make_resolver
+from llmc.plan import build_plan, single_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column ORDER[i] of its 8 columns
@@ -95,18 +95,18 @@ def test_plan_is_checked_before_quantization(tiny_model):
                                   "vision": {"weight": {"bit": 4, "group_size": 64}}},
                         "save": {"save_path": "unused"}})
     adapter = load_adapter("qwen2_vl", cfg.model.path, dtype="float32")
-    specs = check_layers(adapter, ["vision", "language"], make_resolver(cfg.quant, adapter.default_skip))
-    plan = {n: (s, None) for n, s in specs.items()}
-    check_save_plan(["save_vllm", "save_sgl", "tpu_check"], plan, adapter.parts.vision_tower)  # fine
+    plan = build_plan(cfg.quant, adapter).quantized()
+    check_save_plan(["save_vllm", "save_sgl", "tpu_check"], plan)  # fine
     with pytest.raises(ValueError, match="one group_size per checkpoint; layers use \\[32, 64\\]"):
-        check_save_plan(["save_autoawq"], plan, adapter.parts.vision_tower)
+        check_save_plan(["save_autoawq"], plan)
     with pytest.raises(ValueError, match="save_gptq: GPTQ has one"):
         check_save_plan(["save_gptq"], plan)
     assert not fq_layers(adapter.model)
 
 
 def test_unpackable_shape_is_kept_float():
-    m = FakeQuantLinear.from_linear(nn.Linear(32, 12), QuantSpec(4, False, "per_group", 32))
+    lin = nn.Linear(32, 12)
+    m = FakeQuantLinear.from_linear(lin, single_layer(lin, QuantSpec(4, False, "per_group", 32)))
     assert "divisible by the pack factor 8" in why_not_awq(m)
 
 

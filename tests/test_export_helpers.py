@@ -67,7 +67,7 @@ def set_act_order(model, name: str, seed: int = 0) -> FakeQuantLinear:
     """Give layer ``name`` non-contiguous groups (GPTQ act-order ``g_idx``): a fresh module, same weight/params."""
     m = model.get_submodule(name)
     g_idx = torch.randperm(m.in_features, generator=torch.Generator().manual_seed(seed)) // m.spec.group_size
-    new = FakeQuantLinear.from_linear(m, m.spec, m.scale, m.zero, g_idx, m.act_bits)
+    new = FakeQuantLinear.from_linear(m, m.layer, m.scale, m.zero, g_idx)
     parent, child = name.rsplit(".", 1)
     setattr(model.get_submodule(parent), child, new)
     return new

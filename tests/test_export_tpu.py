@@ -9,6 +9,7 @@ from test_export_helpers import ckpt_name, fq_layers, logits, quantized_vlm
 from transformers import AutoModelForImageTextToText
 
 from llmc.export.trans_tpu import SIDECAR, check_tpu_constraints, export_trans
+from llmc.plan import QuantPlan
 from llmc.quant.fake_linear import set_fake_quant
 
 
@@ -19,10 +20,12 @@ def test_trans_folder_and_sidecar(tmp_path, tiny_model, calib_dir):
     assert side["llm_convert_args"] == "-q w4bf16 -g 32"
     layers = fq_layers(adapter.model)
     assert len(side["layers"]) == len(layers) == 22
+    entries = {e["name"]: e for e in side["layers"]}  # the plan's serialisation (llmc.plan.QuantPlan.to_json)
+    assert QuantPlan.from_json(side).settings() == {n: "w4ag32" for n in layers}
     for name in layers:
-        entry = side["layers"][ckpt_name("qwen2_vl", name)]
-        assert entry == {**entry, "module": name, "bits": 4, "group_size": 32, "symmetric": False,
-                         "granularity": "per_group"}
+        assert side["checkpoint_names"][name] == ckpt_name("qwen2_vl", name)
+        entry = entries[name]
+        assert entry == {**entry, "bits": 4, "group_size": 32, "symmetric": False, "granularity": "per_group"}
         assert entry["part"] == ("vision" if name.startswith("model.visual.") else "language")
     # transformed float weights (RTN: the original weights), loadable, fake quant still on in memory
     reloaded = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)

@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+from llmc.plan import Part, load_plan, plan_of_block, single_layer
 from llmc.algorithms import build_algorithms
 from llmc.algorithms.gptq import GPTQ, GPTQOptions, HessianStats, gptq_quantize_weight
 from llmc.context import BlockContext, CachedCall
@@ -116,7 +117,7 @@ def test_g_idx_with_actorder_reproduced_by_fake_linear() -> None:
     lin = nn.Linear(64, 8, bias=False)
     with torch.no_grad():
         lin.weight.copy_(W_q)
-    fq = FakeQuantLinear.from_linear(lin, G16, scale, zero, g_idx)
+    fq = FakeQuantLinear.from_linear(lin, single_layer(lin, G16), scale, zero, g_idx)
     assert torch.equal(fq.quantized_weight(), W_q)
     q = fq.int_weight()
     assert torch.equal(dequantize(q, scale, zero, g_idx), W_q)
@@ -175,8 +176,9 @@ def toy_ctx(block: Toy, calls: list[CachedCall], skip: str) -> BlockContext:
     layout = BlockLayout(groups=(LayerGroup("in", ("fc1",), inspect="fc1"),
                                  LayerGroup("out", ("fc2", "fc3"), inspect="fc2")))
     spec = QuantSpec(bits=3, symmetric=False, granularity="per_group", group_size=16)
-    return BlockContext(part="language", index=0, prefix="blocks.0", block=block, layout=layout, calls=calls,
-                        device=torch.device("cpu"), resolver=lambda n, p: None if n.endswith(skip) else spec)
+    plan = plan_of_block("blocks.0", block, layout, lambda n: None if n.endswith(skip) else spec)
+    return BlockContext(part=Part.LANGUAGE, index=0, prefix="blocks.0", block=block, layout=layout, calls=calls,
+                        device=torch.device("cpu"), plan=plan)
 
 
 @pytest.mark.parametrize("true_sequential", [True, False])
@@ -214,7 +216,7 @@ def test_process_block_sequential_weighted(true_sequential: bool) -> None:
         other = block.fc1 if not true_sequential else float_block.fc1
         W2b, *_ = gptq_quantize_weight(float_block.fc2.weight, stats(lambda x: torch.relu(other(x))), spec)
         assert not torch.allclose(block.fc2.quantized_weight(), W2b, atol=1e-6)
-    assert set(algo.records) == {"blocks.0.fc1", "blocks.0.fc2"}
+    assert set(algo.record.layers) == {"blocks.0.fc1", "blocks.0.fc2"}
 
 
 # ---------------------------------------------------------------- end to end
@@ -256,7 +258,7 @@ def _check_fake_folder(adapter, out: Path, model_type: str, samples) -> None:
     from llmc.models import load_adapter
 
     fqs = {n: m for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
-    layers = json.loads((out / "quant_layers.json").read_text())
+    layers = load_plan(out / "quant_layers.json").settings()
     assert set(layers) == set(fqs) and all(v == "w4ag32" for v in layers.values())
     assert all(m.g_idx is not None for m in fqs.values())
     reloaded = load_adapter(model_type, str(out / "fake"), "float32")
@@ -276,7 +278,7 @@ def test_cli_qwen2_vl_vision_and_language(tiny_model, calib_dir, tmp_path, monke
     job = _job(tmp_path, tiny_model("qwen2_vl"), "qwen2_vl", {"name": "custom_mm", "path": str(calib_dir)},
                ["vision", "language"])
     adapter, out = _run_cli(job, monkeypatch, tmp_path)
-    names = set(json.loads((out / "quant_layers.json").read_text()))
+    names = set(load_plan(out / "quant_layers.json").settings())
     assert any(".visual.blocks." in n for n in names) and any(".language_model.layers." in n for n in names)
     _check_fake_folder(adapter, out, "qwen2_vl", load_samples("custom_mm", calib_dir, 2))
 

@@ -20,7 +20,7 @@ from llmc import runner
 from llmc.config import ConfigError, parse_config
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec, rtn_fake_quantize
-from llmc.quant.resolve import make_resolver
+from llmc.plan import Part, QuantPlan, load_plan, resolve_spec
 
 REPO = Path(llmc.__file__).resolve().parent.parent
 VISION = "model.visual.blocks"
@@ -47,7 +47,7 @@ def run(data: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner, "quantize_model", spy)
         out = runner.run_job(parse_config(data))
-    return caught["model"], json.loads((out / "quant_layers.json").read_text())
+    return caught["model"], load_plan(out / "quant_layers.json").settings()
 
 
 def linears(model: nn.Module, prefix: str) -> dict[str, nn.Linear]:
@@ -125,7 +125,7 @@ def test_skips_leave_plain_linears(mixed) -> None:
 
 def test_quant_layers_json_matches_the_model(mixed) -> None:
     model, layers = mixed
-    fq = {n: m.spec.describe() for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    fq = {n: m.layer.describe() for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
     assert layers == fq
     assert len(layers) == N_LINEARS["vision"] + N_LINEARS["language"] - len(SKIPPED)
     assert layers[f"{VISION}.0.attn.qkv"] == "w8sch"
@@ -166,7 +166,8 @@ def test_part_override_of_bit_only_keeps_the_other_keys(tiny_model, tmp_path) ->
     cfg = parse_config(job(tmp_path / "out", tiny_model("qwen2_vl"), quant_objects=["vision", "language"],
                            weight={"bit": 4, "symmetric": True, "granularity": "per_group", "group_size": 32},
                            vision={"weight": {"bit": 8}}))
-    resolve = make_resolver(cfg.quant)
+    def resolve(name, part):
+        return resolve_spec(cfg.quant, name, Part(part))
     assert key(resolve(f"{VISION}.0.attn.qkv", "vision")) == key(QuantSpec(8, True, "per_group", 32))
     assert key(resolve(f"{LANGUAGE}.0.mlp.up_proj", "language")) == key(QuantSpec(4, True, "per_group", 32))
     model, layers = run(job(tmp_path / "run", tiny_model("qwen2_vl"), quant_objects=["vision", "language"],
@@ -182,7 +183,10 @@ def test_example_config_resolves_as_documented(tiny_model, tmp_path) -> None:
     data["model"]["path"] = str(tiny_model("qwen2_vl"))
     data["save"]["save_path"] = str(tmp_path / "out")
     data.pop("calib", None)
-    resolve = make_resolver(parse_config(data).quant, ("lm_head",))
+    quant = parse_config(data).quant
+
+    def resolve(name, part):
+        return resolve_spec(quant, name, Part(part), ("lm_head",))
     assert key(resolve(f"{VISION}.0.attn.qkv", "vision")) == key(QuantSpec(8, True, "per_channel", 128))
     assert key(resolve(f"{LANGUAGE}.0.self_attn.q_proj", "language")) == key(QuantSpec(4, False, "per_group", 32))
     assert key(resolve(f"{LANGUAGE}.1.mlp.down_proj", "language")) == key(QuantSpec(8, False, "per_group", 32))

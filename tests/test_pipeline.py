@@ -6,11 +6,11 @@ import torch
 
 from llmc.algorithms.base import Algorithm, NoOptions
 from llmc.calib import load_samples
-from llmc.config import QuantConfig
+from llmc.config import QuantConfig, WeightConfig
 from llmc.data.mme_synth import generate
 from llmc.models import load_adapter
 from llmc.pipeline import capture, catch_block_inputs, process_blocks
-from llmc.quant.resolve import make_resolver
+from llmc.plan import build_plan
 
 
 class Identity(Algorithm):
@@ -55,11 +55,11 @@ def test_chained_blocks_equal_the_model(tiny_model, big_images, family, mtype):
     adapter = load_adapter(mtype, str(tiny_model(family)), dtype="float32", attn_implementation="eager")
     batch = adapter.batch_process(load_samples("custom_mm", big_images, 3), max_length=512)
     algo = Identity(NoOptions(), QuantConfig())
-    resolver = make_resolver(QuantConfig())
+    plan = build_plan(QuantConfig(quant_objects=["vision", "language"], weight=WeightConfig(group_size=32)), adapter)
     for part in ("vision", "language"):
         ref = model_outputs(adapter, part, batch)
         calls = capture(adapter, part, [batch], torch.device("cpu"))
-        (out,) = process_blocks(adapter, part, calls, algo, resolver, torch.device("cpu"))
+        (out,) = process_blocks(adapter, part, calls, algo, plan, torch.device("cpu"))
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

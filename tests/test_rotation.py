@@ -201,12 +201,12 @@ def test_rotated_model_equals_original(family, tiny_model, samples):
     algo.prepare_model(adapter, CPU)
     out = logits(adapter, batch)
     assert rel_err(out, ref) < 1e-4
-    rec = algo.records  # replayable: the embedding is E @ rotation_matrix(hidden, mode, seed)
-    q = rotation_matrix(rec["hidden_size"], rec["rotate_mode"], rec["rotation_seed"])
+    rec = algo.record  # replayable: the embedding is E @ rotation_matrix(hidden, mode, seed)
+    q = rotation_matrix(rec.hidden_size, rec.rotate_mode, rec.rotation_seed)
     assert torch.allclose(adapter.embed_tokens().weight.double(), emb_before.double() @ q, atol=1e-6)
-    assert algo.records["untied_lm_head"] == tied_before
-    assert algo.records["hidden_size"] == adapter.embed_tokens().weight.shape[1]
-    assert len(algo.records["heads"]) == len(adapter.blocks("language"))
+    assert rec.untied_lm_head == tied_before
+    assert rec.hidden_size == adapter.embed_tokens().weight.shape[1]
+    assert len(rec.heads) == len(adapter.blocks("language"))
     lm, emb = adapter.lm_head().weight, adapter.embed_tokens().weight
     assert lm.untyped_storage().data_ptr() != emb.untyped_storage().data_ptr()
     assert not adapter.model.config.tie_word_embeddings
@@ -253,7 +253,7 @@ def test_head_rotation_gqa(mode, tiny_model, samples):
         weights.append((block.self_attn.v_proj.weight.clone(), block.self_attn.o_proj.weight.clone()))
     assert max(outs) < 1e-4
     assert not torch.allclose(weights[0][0], weights[1][0]) and not torch.allclose(weights[0][1], weights[1][1])
-    rec = algo.records["heads"][0]
+    rec = algo.record.heads[0]
     assert (rec["num_heads"], rec["num_kv_heads"], rec["head_dim"]) == (4, 2, 16)
 
 

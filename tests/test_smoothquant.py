@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 import llmc
+from llmc.plan import Part, load_plan, plan_of_block
 from llmc.algorithms import build_algorithms
 from llmc.algorithms.smoothquant import SmoothQuant, SmoothQuantOptions, smooth_scales
 from llmc.calib import batches, load_samples
@@ -64,8 +65,8 @@ def outlier_input(n: int, seed: int, outliers=(3, 17, 40)) -> torch.Tensor:
 
 
 def toy_ctx(block: nn.Module, calls: list[CachedCall], act_bits: int | None = 8) -> BlockContext:
-    return BlockContext(part="language", index=0, prefix="toy", block=block, layout=TOY_LAYOUT, calls=calls,
-                        device=CPU, resolver=lambda name, part: W8, act_bits=act_bits)
+    return BlockContext(part=Part.LANGUAGE, index=0, prefix="toy", block=block, layout=TOY_LAYOUT, calls=calls,
+                        device=CPU, plan=plan_of_block("toy", block, TOY_LAYOUT, lambda n: W8, act_bits=act_bits))
 
 
 def sq(alpha: float = 0.5, act: bool = True) -> SmoothQuant:
@@ -92,10 +93,10 @@ def test_scales_match_hand_computation_on_toy() -> None:
     expected = h.abs().amax(0) ** 0.6 / w.abs().amax(0) ** 0.4
     algo = sq(alpha=0.6)
     algo.process_block(toy_ctx(block, [CachedCall((x,), {}, None) for x in xs]))
-    assert torch.allclose(algo.records["toy.in"], expected, rtol=1e-5)
+    assert torch.allclose(algo.record.scales["toy.in"], expected, rtol=1e-5)
     assert isinstance(block.fc1, FakeQuantLinear) and block.fc1.act_bits == 8 and block.fc1.spec == W8
     replay = toy_block()  # the records replay onto a fresh block: same smoothed float weights
-    algo.apply(toy_ctx(replay, []), {"in": algo.records["toy.in"]})
+    assert algo.apply(toy_ctx(replay, []), algo.record.scales) == ["toy.in"]
     for name in ("norm.weight", "fc1.weight", "fc2.weight"):
         assert torch.equal(replay.get_parameter(name), block.get_parameter(name)), name
 
@@ -133,7 +134,7 @@ def test_padding_rows_are_ignored() -> None:
     for inp, w in ((garbage, weight), (clean, weight), (garbage, None)):
         algo = sq()
         algo.process_block(toy_ctx(toy_block(), [CachedCall((inp,), {}, w)]))
-        records.append(algo.records["toy.in"])
+        records.append(algo.record.scales["toy.in"])
     assert torch.equal(records[0], records[1])  # what padding holds does not matter
     assert not torch.allclose(records[0], records[2])  # ... but it would if it were counted
 
@@ -176,21 +177,21 @@ def qwen_batches(qwen_adapter, calib_dir):
 def test_fold_without_quant_keeps_block_outputs(qwen_adapter, qwen_batches, part) -> None:
     calls = capture(qwen_adapter, part, qwen_batches, CPU)
     if part == "language":
-        assert any((c.weight == 0).any() for c in calls), "the calibration batches should contain padding"
+        assert any((c.token_weight == 0).any() for c in calls), "the calibration batches should contain padding"
     block = qwen_adapter.blocks(part)[0]
     original = {k: v.clone() for k, v in block.state_dict().items()}
     try:
-        ctx = BlockContext(part=part, index=0, prefix=f"{qwen_adapter.blocks_path(part)}.0", block=block,
-                           layout=qwen_adapter.block_layout(part, block), calls=calls, device=CPU,
-                           resolver=lambda n, p: W8, act_bits=8)
+        prefix, layout = f"{qwen_adapter.blocks_path(part)}.0", qwen_adapter.block_layout(part, block)
+        ctx = BlockContext(part=Part(part), index=0, prefix=prefix, block=block, layout=layout, calls=calls,
+                           device=CPU, plan=plan_of_block(prefix, block, layout, lambda n: W8, part, act_bits=8))
         ref = ctx.run()
         scales = sq().smooth(ctx)
         out = ctx.run()
         changed = {k for k, v in block.state_dict().items() if not torch.allclose(v, original[k])}
     finally:
         block.load_state_dict(original)
-    expected = {g.name for g in ctx.layout.groups if g.producer is not None}
-    assert set(scales) == expected and expected >= {"attn_in", "mlp_in"}
+    expected = {f"{prefix}.{g.name}" for g in ctx.layout.groups if g.producer is not None}
+    assert set(scales) == expected and expected >= {f"{prefix}.attn_in", f"{prefix}.mlp_in"}
     assert max(float(s.log().abs().max()) for s in scales.values()) > 0.5
     producers = {f"{g.producer.name}.weight" for g in ctx.layout.groups if g.producer is not None}
     assert producers <= changed  # the fold really changed the weights
@@ -222,10 +223,10 @@ W8A8 = {"method": "SmoothQuant", "weight": {"bit": 8, "symmetric": True, "granul
 def test_cli_end_to_end(tmp_path, tiny_model, calib_dir, qwen_adapter, qwen_batches, objects) -> None:
     tiny = tiny_model("qwen2_vl")
     out = _run_cli(tmp_path, {**W8A8, "quant_objects": objects, "special": {"alpha": 0.5}}, tiny, calib_dir)
-    layers = json.loads((out / "quant_layers.json").read_text())
+    layers = load_plan(out / "quant_layers.json").settings()
     per_part = {"language": 2 * 7, "vision": 2 * 4}
     assert len(layers) == sum(per_part[p] for p in objects)
-    assert set(layers.values()) == {"w8sch"}
+    assert set(layers.values()) == {"w8scha8"}
     assert {n.startswith("model.visual.") for n in layers} == ({True, False} if "vision" in objects else {False})
     assert "SmoothQuant on language" in (out / "llmc.log").read_text()
     # the saved transformed float model computes what the original does, with smoothed weights

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from llmc.plan import load_plan
 from llmc.algorithms import build_algorithms
 from llmc.calib import load_samples
 from llmc.config import QuantConfig
@@ -108,7 +109,7 @@ def test_cli_quantizes_vila(method, special, vila_dir, calib_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llmc", str(cfg)], cwd=REPO, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    layers = yaml.safe_load((tmp_path / "out" / "quant_layers.json").read_text())
+    layers = load_plan(tmp_path / "out" / "quant_layers.json").settings()
     assert any(n.startswith("llm.model.layers.") for n in layers)
     assert any(n.startswith("vision_tower.") for n in layers)
     fake = tmp_path / "out" / "fake"

@@ -23,15 +23,15 @@ separate and can be replayed from a saved record (``load_scales``).
 * ``clip_grid`` (20): number of ratios from 1 down to ``1 - max_shrink`` (inclusive).
 * ``max_shrink`` (0.5): the largest fraction of the range that clipping may remove.
 * ``clip_n_tokens`` (512): input rows (evenly strided over non-padding rows) used by the clip search.
-* ``load_scales`` (null): path of a record written by ``save_records``; its scales and
-  clips are replayed instead of searched (no calibration data is needed then).
-* ``save_scales`` (true): ask the runner to write ``self.records`` with ``save_records``.
+* ``load_scales`` (null): path of an ``awq_records.pt`` (:class:`AWQRecord`) written by an
+  earlier job; its scales and clips are replayed instead of searched (no calibration data then).
+* ``save_scales`` (true): write the record (``awq_records.pt``) into the job folder.
 
-Token weights (``CachedCall.weight``: 0 on padding, the user's image/text
+Token weights (``CachedCall.token_weight``: 0 on padding, the user's image/text
 weights elsewhere; None for vision blocks) weight every mean and every error.
-As in llm-awq, clipping skips the query/key linears: the first two linears of a
-group of at least three whose ``inspect`` module also contains a residual
-writer (separate q/k/v attention). A fused qkv linear is clipped as a whole.
+As in llm-awq, clipping skips the query/key linears: the plan's ``Role.QUERY_KEY``
+(from the layout's ``query_key``, cross-attention q/k included). A fused qkv linear
+is none of them and is clipped as a whole.
 """
 from __future__ import annotations
 
@@ -44,8 +44,10 @@ import torch
 from loguru import logger
 
 from llmc.algorithms.base import Algorithm, register_algorithm
-from llmc.context import BlockContext, first_tensor, flatten_rows, primary
-from llmc.models.layout import BlockLayout, LayerGroup
+from llmc.algorithms.records import AWQRecord
+from llmc.context import BlockContext, first_tensor, flatten_rows, hidden_input
+from llmc.models.layout import LayerGroup
+from llmc.plan import Role
 from llmc.quant.primitives import (
     QuantSpec,
     compute_qparams,
@@ -136,14 +138,7 @@ def clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float
     clip = torch.as_tensor(clip, dtype=torch.float32, device=w.device)
     if clip.dim() < 3:
         return compute_qparams(w, spec, clip)
-    if spec.symmetric:
-        return compute_qparams(w, spec, clip[..., 0])
-    g = to_groups(w.float(), spec.group_len(w.shape[1]))
-    wmax = g.amax(dim=-1).clamp(min=0) * clip[..., 0]
-    wmin = g.amin(dim=-1).clamp(max=0) * clip[..., 1]
-    scale = ((wmax - wmin) / (2**spec.bits - 1)).clamp(min=1e-8)
-    zero = torch.round(-wmin / scale).clamp(0, 2**spec.bits - 1)
-    return scale, zero
+    return compute_qparams(w, spec, clip[..., 0], None if spec.symmetric else clip[..., 1])
 
 
 def clip_error(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip: torch.Tensor,
@@ -217,14 +212,9 @@ def sample_rows(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | Non
     return torch.cat(rows), weights_out
 
 
-def clip_skipped(layout: BlockLayout) -> set[str]:
-    """Query/key linears, left unclipped as in llm-awq: the first two of a group of >= 3 linears whose
-    ``inspect`` module also holds a residual writer (the output projection of a q/k/v attention)."""
-    skip: set[str] = set()
-    for g in layout.groups:
-        if len(g.linears) >= 3 and any(w.startswith(f"{g.inspect}.") for w in layout.residual_writers):
-            skip.update(g.linears[:2])
-    return skip
+def clip_skipped(ctx: BlockContext) -> set[str]:
+    """Query/key linears of the block (the plan's ``Role.QUERY_KEY``), left unclipped as in llm-awq."""
+    return {n for n in ctx.layout.linears() if ctx.has_role(n, Role.QUERY_KEY)}
 
 
 def _group_loss(ctx: BlockContext, group: LayerGroup, calls: list[tuple[tuple, dict]],
@@ -257,26 +247,24 @@ def _group_loss(ctx: BlockContext, group: LayerGroup, calls: list[tuple[tuple, d
     return loss
 
 
-RECORD_FILE = "awq_records.pt"
-
-
 @register_algorithm
 class AWQ(Algorithm):
     name = "AWQ"
     Options = AWQOptions
+    Record = AWQRecord
+    replay_with = "quant.special.load_scales"
 
     def __init__(self, options: AWQOptions, quant: Any) -> None:
         super().__init__(options, quant)
-        self.clips: dict[str, torch.Tensor] = {}
-        self.loaded: dict[str, dict[str, torch.Tensor]] | None = None
-        if options.load_scales is not None:
-            self.loaded = load_records(options.load_scales)
-            self.needs_calib = False  # replay needs no calibration data
+        self.loaded = AWQRecord.load(options.load_scales) if options.load_scales is not None else None
 
-    def save_state(self, out_dir: Path) -> list[Path]:
-        if not self.options.save_scales or self.loaded is not None or not (self.records or self.clips):
-            return []
-        return [save_records(self, out_dir / RECORD_FILE)]
+    @property
+    def load_path(self) -> str | None:
+        return self.options.load_scales
+
+    @property
+    def saves_state(self) -> bool:
+        return self.options.save_scales
 
     def process_block(self, ctx: BlockContext) -> None:
         if self.loaded is not None:
@@ -295,7 +283,7 @@ class AWQ(Algorithm):
         """Search the group's scales on freshly recorded calls (earlier folds included), then fold them."""
         rec = ctx.record_calls(list(dict.fromkeys([group.inspect, group.input_of])))
         weights = ctx.weights_for(group.input_of)
-        x_mean = weighted_abs_mean([primary(a, k) for a, k in rec[group.input_of]], weights)
+        x_mean = weighted_abs_mean([hidden_input(a, k) for a, k in rec[group.input_of]], weights)
         w_mean = None
         if self.options.trans_version == "v1":
             spec = next(ctx.spec(n) for n in group.linears if ctx.spec(n) is not None)
@@ -304,12 +292,12 @@ class AWQ(Algorithm):
         loss = _group_loss(ctx, group, rec[group.inspect], weights)
         s, ratio, losses = search_scales(x_mean, loss, self.options.n_grid, w_mean)
         fold_scales(ctx.block, group, s)
-        self.records[f"{ctx.prefix}.{group.name}"] = s.detach().cpu()
+        self.record.scales[f"{ctx.prefix}.{group.name}"] = s.detach().cpu()
         logger.debug(f"AWQ {ctx.prefix}.{group.name}: ratio {ratio:.2f}, loss {losses[0]:.3g} -> {min(losses):.3g}")
 
     def _clip_block(self, ctx: BlockContext) -> None:
         """Search clip ratios on the (scaled, still float) block's inputs and quantize with them."""
-        skip = clip_skipped(ctx.layout)
+        skip = clip_skipped(ctx)
         todo = [g for g in ctx.layout.groups if any(n not in skip and ctx.spec(n) for n in g.linears)]
         if not todo:
             return
@@ -324,13 +312,12 @@ class AWQ(Algorithm):
                     continue
                 w = ctx.get(name).weight.detach()
                 clip = search_clip(w, x, spec, ratios, xw, separate=not o.clip_sym)
-                self.clips[ctx.full_name(name)] = clip.cpu()
+                self.record.clips[ctx.full_name(name)] = clip.cpu()
                 ctx.quantize(name, *clipped_qparams(w, spec, clip))
 
     def _replay(self, ctx: BlockContext) -> None:
         """Fold the loaded scales and quantize with the loaded clips (RTN where none was recorded)."""
-        assert self.loaded is not None
-        scales, clips = self.loaded["scales"], self.loaded["clips"]
+        scales, clips = self.loaded.scales, self.loaded.clips
         pre = f"{ctx.prefix}."
         if not any(k.startswith(pre) for k in (*scales, *clips)):
             raise ValueError(f"quant.special.load_scales: {self.options.load_scales} has no record for "
@@ -339,33 +326,12 @@ class AWQ(Algorithm):
             key = f"{ctx.prefix}.{group.name}"
             if key in scales:
                 fold_scales(ctx.block, group, scales[key])
-                self.records[key] = scales[key]
+                self.record.scales[key] = scales[key]
         for name in ctx.layout.linears():
             clip, spec = clips.get(ctx.full_name(name)), ctx.spec(name)
             if clip is not None and spec is not None:
                 w = ctx.get(name).weight.detach()
                 ctx.quantize(name, *clipped_qparams(w, spec, clip.to(w.device)))
-                self.clips[ctx.full_name(name)] = clip
+                self.record.clips[ctx.full_name(name)] = clip
             else:
                 ctx.quantize(name)
-
-
-def save_records(algo: Algorithm, path: str | Path) -> Path:
-    """Write ``{"scales": algo.records, "clips": algo.clips}`` (CPU tensors) for ``load_scales``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"scales": {k: v.detach().cpu() for k, v in algo.records.items()},
-            "clips": {k: v.detach().cpu() for k, v in getattr(algo, "clips", {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_records(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """Read a record written by ``save_records``."""
-    data = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(data, dict) or set(data) != {"scales", "clips"}:
-        raise ValueError(f"quant.special.load_scales: {path} is not an AWQ record "
-                         f"(expected keys 'scales' and 'clips')")
-    return {"scales": dict(data["scales"]), "clips": dict(data["clips"])}

@@ -1,9 +1,13 @@
 """The algorithm template and its registry.
 
-An algorithm may transform the whole model once before the block loop
-(``prepare_model``: rotation) and/or process each block (``process_block``:
-RTN, AWQ, GPTQ, SmoothQuant). Options come from ``quant.special`` and are a
-dataclass per algorithm, parsed strictly.
+The contract of a pipeline (``quant.method`` as a list): *transforms* (``quantizes = False``)
+run once on the whole model before the block loop (``prepare_model``: rotation) and never per
+block; exactly one *quantizer* comes last and is the only algorithm whose ``process_block`` runs
+on each block (RTN, AWQ, GPTQ, SmoothQuant). :func:`build_algorithms` enforces it and
+:func:`describe_pipeline` says it in the job's log. Options come from ``quant.special`` and are a
+dataclass per algorithm, parsed strictly. What an algorithm finds is its ``record`` (a
+:class:`llmc.algorithms.records.Record` subclass, ``Record``): ``save_state`` writes it, the
+algorithm's ``load_scales`` / ``load_state`` option replays it.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from llmc.algorithms.records import Record
 from llmc.strict import ConfigError, from_dict, suggest
 
 if TYPE_CHECKING:
@@ -31,28 +36,56 @@ class NoOptions:
 
 
 class Algorithm:
-    """Base class. Subclasses set ``name``, ``Options`` and override the hooks they need."""
+    """Base class. Subclasses set ``name``, ``Options`` (and ``Record``) and override the hooks they need."""
 
     name: ClassVar[str]
     aliases: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type] = NoOptions
+    Record: ClassVar[type[Record] | None] = None
     quantizes: ClassVar[bool] = True
     needs_calib: ClassVar[bool] = True
+    replay_with: ClassVar[str] = ""  # how a saved record is replayed (the log says it)
 
     def __init__(self, options: Any, quant: "QuantConfig") -> None:
         self.options = options
         self.quant = quant
-        self.records: dict[str, Any] = {}
+        self.record: Record | None = self.Record() if self.Record is not None else None
+
+    @property
+    def load_path(self) -> str | None:
+        """The record this run replays (the algorithm's ``load_*`` option), if any."""
+        return None
+
+    def needs_calibration(self) -> bool:
+        """Calibration data is needed unless the algorithm needs none or replays a record."""
+        return self.needs_calib and self.load_path is None
 
     def prepare_model(self, adapter: "ModelAdapter", device: torch.device) -> None:
         """Whole-model transform before the block loop (default: nothing)."""
 
     def process_block(self, ctx: "BlockContext") -> None:
-        """Transform and/or quantize one block (default: nothing)."""
+        """Transform and/or quantize one block (default: nothing); runs for the quantizer only."""
+
+    @property
+    def saves_state(self) -> bool:
+        """Whether ``save_state`` writes the record (an option of some algorithms; default yes)."""
+        return True
 
     def save_state(self, out_dir: Path) -> list[Path]:
-        """Write what makes this run replayable (search results) into ``out_dir``; default: nothing."""
-        return []
+        """Write the record into ``out_dir`` (nothing when empty, replayed, or saving is switched off)."""
+        if self.record is None or self.record.is_empty() or self.load_path is not None or not self.saves_state:
+            return []
+        return [self.record.save(out_dir)]
+
+    @classmethod
+    def stage(cls) -> str:
+        """Where the algorithm runs: ``whole model`` (before the block loop) and/or ``each block``."""
+        where = []
+        if cls.prepare_model is not Algorithm.prepare_model:
+            where.append("whole model, before the block loop")
+        if cls.process_block is not Algorithm.process_block:
+            where.append("each block")
+        return " + ".join(where) or "nothing"
 
 
 def _norm(name: str) -> str:
@@ -85,6 +118,10 @@ def build_algorithms(quant: "QuantConfig") -> list[Algorithm]:
     to one of the listed algorithms.
     """
     classes = [algorithm_class(m) for m in quant.methods]
+    for c in classes:
+        if not c.quantizes and c.process_block is not Algorithm.process_block:
+            raise ConfigError(f"quant.method: {c.name} is a transform but processes blocks; transforms run on the "
+                              f"whole model only (only the quantizer's process_block runs)")
     quantizers = [c for c in classes if c.quantizes]
     if len(quantizers) > 1:
         raise ConfigError(f"quant.method: {[c.name for c in quantizers]} all quantize; list at most one of "
@@ -104,3 +141,8 @@ def build_algorithms(quant: "QuantConfig") -> list[Algorithm]:
         opts = from_dict(c.Options, {k: v for k, v in quant.special.items() if k in own}, "quant.special")
         algos.append(c(opts, quant))
     return algos
+
+
+def describe_pipeline(algos: list[Algorithm]) -> str:
+    """``Rotation (whole model, before the block loop) -> GPTQ (each block)``: what runs where."""
+    return " -> ".join(f"{a.name} ({type(a).stage()})" for a in algos)

@@ -21,6 +21,10 @@ Config keys (``quant.special``):
 * ``true_sequential`` (bool, true): quantize the block's layer groups one after
   the other, each calibrated on the outputs of the already quantized earlier
   groups; false collects every Hessian in one float pass first.
+* ``save_state`` (bool, true): write the result (:class:`GPTQRecord`: integers, scales,
+  zeros, ``g_idx`` per layer) into ``gptq_records.pt`` in the job folder.
+* ``load_state`` (path, null): replay such a record instead of running GPTQ (no
+  calibration data needed): every recorded layer gets exactly its recorded weight.
 
 Quantization grid, group size and bits come from ``quant.weight`` (per layer
 through ``ctx.spec``); layers without a spec stay float.
@@ -28,16 +32,22 @@ through ``ctx.spec``); layers without a spec stay float.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from loguru import logger
 
 from llmc.algorithms.base import Algorithm, register_algorithm
+from llmc.algorithms.records import GPTQRecord
 from llmc.context import BlockContext, flatten_rows
 from llmc.models.layout import LayerGroup
 from llmc.quant.fake_linear import FakeQuantLinear
-from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize
+from llmc.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_quantize
 from llmc.strict import ConfigError
+
+if TYPE_CHECKING:
+    from llmc.config import QuantConfig
 
 
 # ----------------------------------------------------------------- statistics
@@ -177,8 +187,12 @@ class GPTQOptions:
     actorder: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    save_state: bool = True
+    load_state: str | None = None
 
     def __post_init__(self) -> None:
+        if self.load_state is not None and not Path(self.load_state).is_file():
+            raise ConfigError(f"quant.special.load_state: {self.load_state} is not a file")
         if not 0 <= self.percdamp:
             raise ConfigError(f"quant.special.percdamp: {self.percdamp} must be >= 0")
         if self.blocksize < 1:
@@ -189,6 +203,20 @@ class GPTQOptions:
 class GPTQ(Algorithm):
     name = "GPTQ"
     Options = GPTQOptions
+    Record = GPTQRecord
+    replay_with = "quant.special.load_state"
+
+    def __init__(self, options: GPTQOptions, quant: "QuantConfig") -> None:
+        super().__init__(options, quant)
+        self.loaded = GPTQRecord.load(options.load_state) if options.load_state is not None else None
+
+    @property
+    def load_path(self) -> str | None:
+        return self.options.load_state
+
+    @property
+    def saves_state(self) -> bool:
+        return self.options.save_state
 
     @torch.no_grad()
     def collect(self, ctx: BlockContext, groups: list[LayerGroup]) -> dict[str, HessianStats]:
@@ -210,16 +238,45 @@ class GPTQ(Algorithm):
         W_q, scale, zero, g_idx = gptq_quantize_weight(lin.weight, H, spec, o.percdamp, o.blocksize,
                                                        o.actorder, o.static_groups)
         lin.weight.copy_(W_q.to(lin.weight.dtype))
-        ctx.quantize(name, scale, zero, g_idx)
-        self.records[ctx.full_name(name)] = {"spec": spec.describe(), "g_idx": g_idx is not None,
-                                             "dead_inputs": int((torch.diag(H) == 0).sum())}
+        fq = ctx.quantize(name, scale, zero, g_idx)
+        self._remember(ctx.full_name(name), fq)
+        if int((torch.diag(H) == 0).sum()):
+            logger.debug(f"GPTQ {ctx.full_name(name)}: {int((torch.diag(H) == 0).sum())} inputs never seen")
+
+    def _remember(self, name: str, fq: FakeQuantLinear) -> None:
+        codes = fq.int_weight().to(torch.int8 if fq.spec.symmetric else torch.uint8)  # -128..127 / 0..255
+        state = {"codes": codes, "scale": fq.scale, "zero": fq.zero}
+        if fq.g_idx is not None:
+            state["g_idx"] = fq.g_idx
+        self.record.layers[name] = state
 
     def _todo(self, ctx: BlockContext, group: LayerGroup) -> list[str]:
         """The group's linears to quantize: those with a spec, not already fake-quant."""
         return [n for n in group.linears
                 if ctx.spec(n) is not None and not isinstance(ctx.get(n), FakeQuantLinear)]
 
+    @torch.no_grad()
+    def _replay(self, ctx: BlockContext) -> None:
+        """Every recorded layer of the block gets its recorded integers, scales and zeros."""
+        for name in ctx.layout.linears():
+            state = self.loaded.layers.get(ctx.full_name(name))
+            if state is None or ctx.spec(name) is None:
+                if ctx.spec(name) is not None:
+                    raise ValueError(f"quant.special.load_state: {self.options.load_state} has no record for "
+                                     f"{ctx.full_name(name)}, which the plan quantizes")
+                continue
+            lin, g_idx = ctx.get(name), state.get("g_idx")
+            w = dequantize(state["codes"].to(torch.int32), state["scale"], state["zero"], g_idx)
+            if tuple(w.shape) != tuple(lin.weight.shape):
+                raise ValueError(f"quant.special.load_state: {ctx.full_name(name)} is {tuple(w.shape)} in the "
+                                 f"record, {tuple(lin.weight.shape)} in the model")
+            lin.weight.copy_(w.to(lin.weight.dtype))
+            self._remember(ctx.full_name(name), ctx.quantize(name, state["scale"], state["zero"], g_idx))
+
     def process_block(self, ctx: BlockContext) -> None:
+        if self.loaded is not None:
+            self._replay(ctx)
+            return
         groups = [g for g in ctx.layout.groups if self._todo(ctx, g)]
         if not groups:
             return

@@ -31,6 +31,9 @@ Config keys (``quant.special``):
   ``hadamard``.
 * ``rotation_seed``: seed of ``Q``; head rotations use :func:`head_seed`. Default 0.
 * ``rotate_heads``: also apply the head-wise value/output rotation. Default true.
+
+The record (:class:`RotationRecord`, ``rotation_record.pt``) holds the mode, seed, sizes, targets
+and head seeds: a job with the same ``rotate_mode`` and ``rotation_seed`` applies the same rotation.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ from loguru import logger
 from torch import nn
 
 from llmc.algorithms.base import Algorithm, register_algorithm
+from llmc.algorithms.records import RotationRecord
 from llmc.models.layout import EXTERNAL_WEIGHT_KINDS, BlockLayout, Producer, RotationTargets
 from llmc.quant.hadamard import rotation_matrix
 
@@ -199,6 +203,8 @@ class Rotation(Algorithm):
     name = "Rotation"
     aliases = ("QuaRot",)
     Options = RotationOptions
+    Record = RotationRecord
+    replay_with = "the same rotate_mode and rotation_seed (they determine every matrix)"
     quantizes = False
     needs_calib = False
 
@@ -223,13 +229,12 @@ class Rotation(Algorithm):
             self._rotate_block(block, layout, q, device)
             if opts.rotate_heads:
                 heads.append(self._rotate_heads(block, layout, i, device))
-        self.records = {
-            "rotate_mode": opts.rotate_mode, "rotation_seed": opts.rotation_seed, "hidden_size": dim,
-            "untied_lm_head": untied, "embeddings": list(t.embeddings),
-            "external_writers": list(t.external_writers),
-            "external_weights": [list(w) for w in t.external_weights], "final_norm": t.final_norm, "lm_head": t.lm_head,
-            "blocks": len(blocks), "heads": heads or None,
-        }
+        self.record = RotationRecord(
+            rotate_mode=opts.rotate_mode, rotation_seed=opts.rotation_seed, hidden_size=dim, untied_lm_head=untied,
+            blocks=len(blocks), heads=heads,
+            targets={"embeddings": list(t.embeddings), "external_writers": list(t.external_writers),
+                     "external_weights": [list(w) for w in t.external_weights], "final_norm": t.final_norm,
+                     "lm_head": t.lm_head})
         logger.info(f"Rotation: {opts.rotate_mode} {dim}x{dim} (seed {opts.rotation_seed}) on {len(blocks)} "
                     f"language blocks, untied lm_head: {untied}, head rotations: {opts.rotate_heads}")
 

@@ -21,19 +21,23 @@ Config keys:
   activation quantization, so a missing ``quant.act`` is a ``ConfigError``.
 * ``quant.special.alpha`` (float in [0, 1], default 0.5): migration strength;
   0 leaves activations alone (s = 1 / max|W|), 1 moves all difficulty to weights.
-
-``self.records``: ``{"<block prefix>.<group name>": scales [in] (float32, CPU)}``,
-replayable with :meth:`SmoothQuant.apply` in group order.
+* ``quant.special.save_scales`` (true): write the record (:class:`SmoothQuantRecord`,
+  ``{"<block prefix>.<group name>": scales [in]}``) as ``smoothquant_records.pt``.
+* ``quant.special.load_scales`` (null): replay such a record (:meth:`SmoothQuant.apply`:
+  the recorded scales are folded in layout order, then every linear is quantized; no
+  calibration data is needed).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from llmc.algorithms.base import Algorithm, register_algorithm
+from llmc.algorithms.records import SmoothQuantRecord
 from llmc.context import BlockContext, flatten_rows
 from llmc.models.layout import LayerGroup
 from llmc.quant.scaling import fold_scales, producer_rows
@@ -48,10 +52,14 @@ SCALE_MIN, SCALE_MAX = 1e-5, 1e5
 @dataclass
 class SmoothQuantOptions:
     alpha: float = 0.5
+    save_scales: bool = True
+    load_scales: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"quant.special.alpha: {self.alpha} must be in [0, 1]")
+        if self.load_scales is not None and not Path(self.load_scales).is_file():
+            raise ConfigError(f"quant.special.load_scales: {self.load_scales} is not a file")
 
 
 # ------------------------------------------------------------------------------------ pure numerics
@@ -61,18 +69,6 @@ def rows_absmax(x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | 
     if rows.shape[0] == 0:
         return None
     return rows.abs().amax(dim=0).float()
-
-
-def channel_absmax(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Per-channel ``max |x|`` over several calls (token weight 0 = padding, excluded)."""
-    out: torch.Tensor | None = None
-    for x, w in zip(xs, weights, strict=True):
-        m = rows_absmax(x, w)
-        if m is not None:
-            out = m.cpu() if out is None else torch.maximum(out, m.cpu())
-    if out is None:
-        raise ValueError("no calibration rows with non-zero weight to measure activations on")
-    return out
 
 
 def weight_absmax(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -131,12 +127,23 @@ class SmoothQuant(Algorithm):
     name = "SmoothQuant"
     aliases = ("smooth_quant", "sq")
     Options = SmoothQuantOptions
+    Record = SmoothQuantRecord
+    replay_with = "quant.special.load_scales"
 
     def __init__(self, options: SmoothQuantOptions, quant: QuantConfig) -> None:
         if quant.act is None:
             raise ConfigError("quant.act: SmoothQuant needs activation quantization (W8A8); add "
                               "`act: {bit: 8}` under `quant` (or use RTN/AWQ/GPTQ for weight-only)")
         super().__init__(options, quant)
+        self.loaded = SmoothQuantRecord.load(options.load_scales) if options.load_scales is not None else None
+
+    @property
+    def load_path(self) -> str | None:
+        return self.options.load_scales
+
+    @property
+    def saves_state(self) -> bool:
+        return self.options.save_scales
 
     def groups(self, ctx: BlockContext) -> list[LayerGroup]:
         """Groups to smooth: those with a producer and at least one linear that is quantized."""
@@ -151,14 +158,19 @@ class SmoothQuant(Algorithm):
                              f"weights have {w_max.numel()}")
         return smooth_scales(act_max, w_max, self.options.alpha)
 
-    def apply(self, ctx: BlockContext, scales: dict[str, torch.Tensor]) -> None:
-        """Fold ``{group name: scales}`` into the block, in layout order (replay of ``records``)."""
+    def apply(self, ctx: BlockContext, scales: dict[str, torch.Tensor]) -> list[str]:
+        """Fold recorded scales (``{"<block prefix>.<group name>": [in]}``) into the block, in layout order;
+        returns the keys folded."""
+        done = []
         for group in ctx.layout.groups:
-            if group.name in scales:
-                fold_scales(ctx.block, group, scales[group.name])
+            key = f"{ctx.prefix}.{group.name}"
+            if key in scales:
+                fold_scales(ctx.block, group, scales[key])
+                done.append(key)
+        return done
 
     def smooth(self, ctx: BlockContext) -> dict[str, torch.Tensor]:
-        """Measure, search and fold every smoothable group of the block; returns ``{group: scales}``.
+        """Measure, search and fold every smoothable group of the block; returns ``{key: scales}``.
 
         Activation maxima come from one pass over the float block: folding one
         group is an exact re-parametrisation that changes only that group's own
@@ -175,12 +187,21 @@ class SmoothQuant(Algorithm):
         act = collect_act_max(ctx, [g.input_of for g in groups])
         out: dict[str, torch.Tensor] = {}
         for g in groups:
-            out[g.name] = self.search(ctx, g, act[g.input_of])
-            fold_scales(ctx.block, g, out[g.name])
+            key = f"{ctx.prefix}.{g.name}"
+            out[key] = self.search(ctx, g, act[g.input_of])
+            fold_scales(ctx.block, g, out[key])
         return out
 
     def process_block(self, ctx: BlockContext) -> None:
-        for gname, s in self.smooth(ctx).items():
-            self.records[f"{ctx.prefix}.{gname}"] = s.cpu()
+        if self.loaded is not None:
+            wanted = {f"{ctx.prefix}.{g.name}" for g in self.groups(ctx)}
+            missing = sorted(wanted - set(self.loaded.scales))
+            if missing:
+                raise ValueError(f"quant.special.load_scales: {self.options.load_scales} has no scales for {missing}")
+            found = {k: self.loaded.scales[k] for k in self.apply(ctx, self.loaded.scales)}
+        else:
+            found = self.smooth(ctx)
+        for key, s in found.items():
+            self.record.scales[key] = s.detach().cpu()
         for name in ctx.layout.linears():
             ctx.quantize(name)

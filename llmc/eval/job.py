@@ -7,6 +7,7 @@ held-out samples (never calibration ones).
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +18,30 @@ from llmc.builtin import local_path
 from llmc.calib import load_samples
 from llmc.config import LLMCConfig
 from llmc.models.base import ModelAdapter
+from llmc.plan import QuantPlan
 from llmc.quant.fake_linear import set_fake_quant
 
 POSITIONS = ("pretrain", "transformed", "fake_quant", "real_quant")
 
 
-def describe_job(cfg: LLMCConfig) -> str:
-    """One line: model, method, weight (and activation) setting per part, the quantized parts."""
-    q = cfg.quant
-    parts = [p for p in ("vision", "language") if p in q.quant_objects]
-    specs = {p: q.part_weight(p).to_spec().describe() for p in parts}
-    weights = specs[parts[0]] if len(set(specs.values())) == 1 else ", ".join(f"{p} {s}" for p, s in specs.items())
-    act = f" a{q.act_bits}" if q.act_bits else ""
-    extra = " (+ overrides)" if q.overrides or q.skip_layers else ""
-    return (f"{cfg.model.type} {Path(cfg.model.path).name}: {' + '.join(q.methods)} {weights}{act}{extra} "
-            f"on {' + '.join(parts)}")
+def describe_job(cfg: LLMCConfig, plan: QuantPlan | None) -> str:
+    """One line: model, method, and per quantized part its settings from the plan (layer counts)."""
+    head = f"{cfg.model.type} {Path(cfg.model.path).name}: {' + '.join(cfg.quant.methods)}"
+    if plan is None:
+        return head
+    parts = []
+    for part in plan.parts:
+        counts = Counter(lp.describe() for lp in plan.quantized() if lp.part is part)
+        parts.append(f"{part.value} " + ", ".join(f"{d} x{n}" for d, n in counts.items()))
+    return f"{head} on {'; '.join(parts)}"
 
 
 class JobEvaluation:
     """Call ``before_quant()``, quantize, ``after_quant()``, save, ``real_quant(folder)``, ``finish()``."""
 
-    def __init__(self, cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, out: Path) -> None:
-        self.cfg, self.adapter, self.device = cfg, adapter, device
+    def __init__(self, cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, out: Path,
+                 plan: QuantPlan | None = None) -> None:
+        self.cfg, self.adapter, self.device, self.plan = cfg, adapter, device, plan
         self.eval = cfg.eval
         self.positions = list(self.eval.eval_pos) if self.eval is not None else []
         self.work = out / "eval"
@@ -93,6 +96,6 @@ class JobEvaluation:
             return None
         from llmc.eval.report import write_report
 
-        table = write_report(self.results, self.work, describe_job(self.cfg))  # prints the table
+        table = write_report(self.results, self.work, describe_job(self.cfg, self.plan))  # prints the table
         logger.info(f"evaluation report: {self.cfg.save.save_path}/eval/report.md")
         return table

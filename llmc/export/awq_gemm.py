@@ -19,6 +19,7 @@ linear in both spellings (in-memory and checkpoint names).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,16 +27,13 @@ import torch
 from loguru import logger
 
 from llmc.export.packing import (
-    Plan,
     StateDict,
     checkpoint_names,
-    describe,
-    packed_state_dict,
     float_weight_modules,
     has_act_order,
     log_kept_float,
     pack_int32,
-    plan_of,
+    packed_state_dict,
     quantized_layers,
     spellings,
     unpack_int32,
@@ -45,6 +43,7 @@ from llmc.quant.fake_linear import FakeQuantLinear
 
 if TYPE_CHECKING:
     from llmc.models.base import ModelAdapter
+    from llmc.plan import LayerPlan
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_BITS = 4
@@ -80,17 +79,19 @@ def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
     return ((q - z) * s).t().contiguous().to(dtype)
 
 
-def check_awq_plan(plan: Plan) -> int:
+def check_awq_plan(layers: Iterable[LayerPlan]) -> int:
     """The common group size; a clear error when a layer is not 4-bit asymmetric per-group weight-only."""
-    bad = {n: describe(s, a) for n, (s, a) in plan.items()
-           if not (s.bits == AWQ_BITS and not s.symmetric and s.granularity == "per_group" and a is None)}
+    layers = [lp for lp in layers if lp.quantized]
+    bad = {lp.name: lp.describe() for lp in layers
+           if not (lp.spec.bits == AWQ_BITS and not lp.spec.symmetric and lp.spec.granularity == "per_group"
+                   and lp.act_bits is None)}
     if bad:
         example = ", ".join(f"{n} ({d})" for n, d in list(bad.items())[:3])
         raise ValueError(f"save_autoawq: AutoAWQ GEMM holds only 4-bit asymmetric per-group weight-only layers "
                          f"(quant.weight: bit 4, symmetric false, granularity per_group, no quant.act); "
                          f"{len(bad)} layers differ, e.g. {example}. Use save_vllm (compressed-tensors) "
                          f"or save_gptq for other schemes")
-    sizes = sorted({s.group_size for s, _ in plan.values()})
+    sizes = sorted({lp.spec.group_size for lp in layers})
     if len(sizes) > 1:
         raise ValueError(f"save_autoawq: AutoAWQ has one group_size per checkpoint; layers use {sizes}. "
                          f"Use one group size, or save_vllm (compressed-tensors) for mixed schemes")
@@ -112,7 +113,7 @@ def export_autoawq(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("save_autoawq: the model has no quantized layers; run quantization first")
-    group_size = check_awq_plan(plan_of(layers))
+    group_size = check_awq_plan(m.layer for m in layers.values())
     kept = {n: why for n, m in layers.items() if (why := why_not_awq(m)) is not None}
     log_kept_float("autoawq", kept)
     float_names = float_weight_modules(model) + list(kept)

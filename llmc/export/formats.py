@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from llmc.export.awq_gemm import check_awq_plan, export_autoawq
 from llmc.export.compressed import export_compressed_tensors, export_sgl, export_vllm, load_real_quant
 from llmc.export.gptq_pack import check_gptq_plan, export_gptq
-from llmc.export.packing import Plan
+from llmc.plan import LayerPlan
 from llmc.export.trans_tpu import check_tpu_plan, export_trans
 
 if TYPE_CHECKING:
@@ -39,23 +39,20 @@ EXPORTERS: dict[str, Exporter] = {
 }
 FOLDERS: dict[str, str] = {"save_vllm": "vllm", "save_sgl": "sgl", "save_autoawq": "autoawq", "save_gptq": "gptq"}
 
-PRECHECKS: dict[str, Callable[..., object]] = {
-    "save_autoawq": lambda plan, vision: check_awq_plan(plan),
-    "save_gptq": lambda plan, vision: check_gptq_plan(plan),
+PRECHECKS: dict[str, Callable[[list[LayerPlan]], object]] = {
+    "save_autoawq": check_awq_plan,
+    "save_gptq": check_gptq_plan,
     "tpu_check": check_tpu_plan,
 }
 
 
-def check_save_plan(keys: Iterable[str], plan: Plan, vision_prefix: str | None = None) -> None:
-    """Raise the format's clear error now if a requested ``save.*`` key cannot hold ``plan``.
-
-    ``plan``: layer name -> ``(QuantSpec, act_bits)``, e.g. from
-    ``llmc.quant.resolve.check_layers`` before quantizing; ``vision_prefix``:
-    ``adapter.parts.vision_tower``.
-    """
+def check_save_plan(keys: Iterable[str], layers: Iterable[LayerPlan]) -> None:
+    """Raise the format's clear error now if a requested ``save.*`` key cannot hold the planned layers
+    (``QuantPlan.quantized()``, before quantizing)."""
+    layers = list(layers)
     for key in keys:
         if key in PRECHECKS:
-            PRECHECKS[key](plan, vision_prefix)
+            PRECHECKS[key](layers)
 
 
 __all__ = ["EXPORTERS", "FOLDERS", "PRECHECKS", "check_save_plan", "export_autoawq", "export_compressed_tensors",

@@ -21,6 +21,7 @@ shifted by ``2^(b-1)``). Config: ``{"quant_method": "gptq", "bits", "group_size"
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -28,23 +29,23 @@ import torch
 from loguru import logger
 
 from llmc.export.packing import (
-    Plan,
     StateDict,
     checkpoint_names,
-    packed_state_dict,
     float_weight_modules,
     has_act_order,
     log_kept_float,
     pack_int32,
-    plan_of,
+    packed_state_dict,
     quantized_layers,
     write_folder,
 )
+from llmc.plan import Part
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec
 
 if TYPE_CHECKING:
     from llmc.models.base import ModelAdapter
+    from llmc.plan import LayerPlan
 
 GPTQ_BITS = (2, 4, 8)
 CheckpointFormat = Literal["gptq", "gptq_v2"]
@@ -78,10 +79,11 @@ def gptq_layer_tensors(m: FakeQuantLinear, dtype: torch.dtype, fmt: CheckpointFo
     return out
 
 
-def check_gptq_plan(plan: Plan) -> QuantSpec:
+def check_gptq_plan(layers: Iterable[LayerPlan]) -> QuantSpec:
     """The one spec GPTQ can describe (bits in 2/4/8, weight-only); a clear error otherwise."""
-    specs = {s for s, _ in plan.values()}
-    acts = {a for _, a in plan.values()} - {None}
+    layers = [lp for lp in layers if lp.quantized]
+    specs = {lp.spec for lp in layers}
+    acts = {lp.act_bits for lp in layers} - {None}
     if acts:
         raise ValueError(f"save_gptq: GPTQ is weight-only; quant.act (a{sorted(acts)}) cannot be stored. "
                          f"Use save_vllm (compressed-tensors) for W8A8")
@@ -94,8 +96,8 @@ def check_gptq_plan(plan: Plan) -> QuantSpec:
     return spec
 
 
-def why_not_gptq(m: FakeQuantLinear, float_prefixes: tuple[str, ...], name: str) -> str | None:
-    if name.startswith(float_prefixes):
+def why_not_gptq(m: FakeQuantLinear, quantize_vision: bool) -> str | None:
+    if m.layer.part is Part.VISION and not quantize_vision:
         return "vision tower: vLLM loads GPTQ vision towers unquantized (pass quantize_vision=True to pack it)"
     k = 32 // m.spec.bits
     if m.out_features % k or m.in_features % k:
@@ -120,12 +122,10 @@ def export_gptq(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool = 
     layers = quantized_layers(model)
     if not layers:
         raise ValueError("save_gptq: the model has no quantized layers; run quantization first")
-    spec = check_gptq_plan(plan_of(layers))
-    vt = adapter.parts.vision_tower
-    prefixes = () if quantize_vision or vt is None else (f"{vt}.",)
-    kept = {n: why for n, m in layers.items() if (why := why_not_gptq(m, prefixes, n)) is not None}
+    spec = check_gptq_plan(m.layer for m in layers.values())
+    kept = {n: why for n, m in layers.items() if (why := why_not_gptq(m, quantize_vision)) is not None}
     log_kept_float("gptq", kept)
-    float_names = [n for n in float_weight_modules(model) + list(kept) if n != adapter.parts.lm_head]
+    float_names = [n for n in float_weight_modules(model) + list(kept) if n != adapter.model_parts.lm_head]
     name_map = checkpoint_names(model, float_names)
     sd = packed_state_dict(model, layers, kept, dtype,
                            lambda m, dt: gptq_layer_tensors(m, dt, checkpoint_format))

@@ -21,28 +21,17 @@ from torch import nn
 
 from llmc.export.atomic import atomic_dir
 from llmc.quant.fake_linear import FakeQuantLinear
-from llmc.quant.primitives import QuantSpec
 
 if TYPE_CHECKING:
     from llmc.models.base import ModelAdapter
 
 StateDict = dict[str, torch.Tensor]
-Plan = dict[str, tuple[QuantSpec, int | None]]  # layer -> (weight spec, activation bits)
 
 
 # ------------------------------------------------------------------------------------------ modules
 def quantized_layers(model: nn.Module) -> dict[str, FakeQuantLinear]:
     """Every fake-quant linear by its in-memory name, in module order."""
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
-
-
-def plan_of(layers: dict[str, FakeQuantLinear]) -> Plan:
-    """What was quantized how: the input of the format checks (also computable before quantizing)."""
-    return {n: (m.spec, m.act_bits) for n, m in layers.items()}
-
-
-def describe(spec: QuantSpec, act_bits: int | None) -> str:
-    return spec.describe() + (f"a{act_bits}" if act_bits else "")
 
 
 def float_weight_modules(model: nn.Module) -> list[str]:

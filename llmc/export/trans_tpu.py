@@ -11,19 +11,22 @@ the quantization llmc simulated must be one the TPU can reproduce:
 weight-only, the same spec for every quantized language layer. The check runs
 before anything is written. The folder holds the transformed float weights
 (AWQ scales / rotations folded in, not rounded) plus ``llmc_quant_layers.json``:
-each quantized layer's bits, group size, symmetry and part, under its
-checkpoint name, and the ``llm_convert.py`` arguments that match.
+the quantization plan of the quantized layers (:meth:`llmc.plan.QuantPlan.to_json`: bits,
+group size, symmetry, part, roles per layer), each layer's checkpoint name, and the
+``llm_convert.py`` arguments that match.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from llmc.export.atomic import atomic_dir
-from llmc.export.packing import Plan, checkpoint_names, describe, float_state_dict, plan_of, quantized_layers
+from llmc.export.packing import checkpoint_names, float_state_dict, quantized_layers
+from llmc.plan import LayerPlan, Part, QuantPlan
 
 if TYPE_CHECKING:
     from llmc.models.base import ModelAdapter
@@ -38,21 +41,16 @@ ALLOWED_TEXT = ("w4 per_group asymmetric (-q w4bf16 -g G), w4 per_group symmetri
                 "w8 per_channel symmetric (-q w8bf16); weight-only (no quant.act)")
 
 
-def part_of(adapter: "ModelAdapter", name: str) -> str:
-    vt = adapter.parts.vision_tower
-    return "vision" if vt is not None and name.startswith(f"{vt}.") else "language"
-
-
-def check_tpu_plan(plan: Plan, vision_prefix: str | None = None) -> str:
-    """Raise a clear error unless TPU-MLIR can reproduce ``plan``; returns the matching llm_convert args."""
-    bad = {n: describe(s, a) for n, (s, a) in plan.items()
-           if (s.bits, s.symmetric, s.granularity) not in TPU_ALLOWED or a is not None}
+def check_tpu_plan(layers: Iterable[LayerPlan]) -> str:
+    """Raise a clear error unless TPU-MLIR can reproduce the layers' plan; returns the matching llm_convert args."""
+    layers = [lp for lp in layers if lp.quantized]
+    bad = {lp.name: lp.describe() for lp in layers
+           if (lp.spec.bits, lp.spec.symmetric, lp.spec.granularity) not in TPU_ALLOWED or lp.act_bits is not None}
     if bad:
         example = ", ".join(f"{n} ({d})" for n, d in list(bad.items())[:3])
         raise ValueError(f"save.tpu_check: {len(bad)} layers use a scheme TPU-MLIR cannot run, e.g. {example}. "
                          f"Allowed: {ALLOWED_TEXT}")
-    vision = f"{vision_prefix}." if vision_prefix else None
-    lang = {s for n, (s, _) in plan.items() if not (vision and n.startswith(vision))}
+    lang = {lp.spec for lp in layers if lp.part is Part.LANGUAGE}
     if len(lang) > 1:
         raise ValueError(f"save.tpu_check: TPU-MLIR's llm_convert takes one --quantize/--q_group_size for the "
                          f"language model; layers use {sorted(s.describe() for s in lang)}. Use one spec")
@@ -63,24 +61,17 @@ def check_tpu_plan(plan: Plan, vision_prefix: str | None = None) -> str:
 
 
 def check_tpu_constraints(adapter: "ModelAdapter") -> str:
-    """:func:`check_tpu_plan` on the quantized model."""
-    return check_tpu_plan(plan_of(quantized_layers(adapter.model)), adapter.parts.vision_tower)
+    """:func:`check_tpu_plan` on the quantized model's layers."""
+    return check_tpu_plan(m.layer for m in quantized_layers(adapter.model).values())
 
 
 def quant_layers_sidecar(adapter: "ModelAdapter", llm_convert_args: str | None) -> dict[str, Any]:
-    """``llmc_quant_layers.json``: every quantized layer under its checkpoint name."""
+    """``llmc_quant_layers.json``: the plan of the quantized layers, with their checkpoint names."""
     layers = quantized_layers(adapter.model)
     names = checkpoint_names(adapter.model, layers)
-    entries = {}
-    for n, m in layers.items():
-        entries[names[n]] = {
-            "module": n, "part": part_of(adapter, n), "bits": m.spec.bits, "symmetric": m.spec.symmetric,
-            "granularity": m.spec.granularity,
-            "group_size": m.spec.group_size if m.spec.granularity == "per_group" else -1,
-            "act_bits": m.act_bits, "act_order": m.g_idx is not None,
-        }
-    return {"format": "llmc_quant_layers", "version": 1, "weights": "transformed float (not rounded)",
-            "llm_convert_args": llm_convert_args, "layers": entries}
+    plan = QuantPlan(tuple(m.layer for m in layers.values()), tuple(dict.fromkeys(m.layer.part for m in layers.values())))
+    return plan.to_json(weights="transformed float (not rounded)", llm_convert_args=llm_convert_args,
+                        checkpoint_names=names, act_order=[n for n, m in layers.items() if m.g_idx is not None])
 
 
 def export_trans(adapter: "ModelAdapter", out_dir: str | Path, tpu_check: bool = False,

@@ -14,12 +14,13 @@ MODEL_DIR`` prints the same, plus the skeleton of an explicit adapter). What aut
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from llmc.models.base import ModelAdapter
-from llmc.models.discover import norm_weight_offset, Discovery, discover
+from llmc.models.discover import Discovery, discover, norm_weight_offset
 from llmc.models.layout import BlockLayout, ModelParts, RotationTargets
 from llmc.models.registry import register_adapter
 
@@ -41,30 +42,29 @@ def refusal(d: Discovery, where: str) -> str:
 
 @register_adapter
 class AutoAdapter(ModelAdapter):
+    """Picks :class:`AutoVLMAdapter` or :class:`AutoTextAdapter` from the checkpoint's config (a class-level
+    fact of each), then finds the parts by discovery (instance state)."""
+
     model_type = "auto"
     aliases = ("generic",)
 
-    def load_model(self, dtype: str, attn_implementation: str) -> nn.Module:
-        import transformers
+    def __new__(cls, path: str | Path, *args: Any, **kwargs: Any) -> "AutoAdapter":
+        if cls is AutoAdapter:
+            import transformers
 
-        config = transformers.AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
-        self.is_vlm = config_is_vlm(config)  # instance attribute: read by conversation/encode/load_processor
-        return super().load_model(dtype, attn_implementation)
+            config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code",
+                                                                                               False))
+            cls = AutoVLMAdapter if config_is_vlm(config) else AutoTextAdapter
+        return super().__new__(cls)
 
-    def auto_model_class(self) -> Any:  # type: ignore[override]  (per instance: VLM or causal LM)
-        import transformers
-
-        return transformers.AutoModelForImageTextToText if self.is_vlm else transformers.AutoModelForCausalLM
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def find_parts(self) -> ModelParts:
         self.discovery = discover(self.model, self.is_vlm)
         if self.discovery.problems:
             raise AutoDiscoveryError(refusal(self.discovery, str(self.path)))
         d = self.discovery
-        self.parts = ModelParts(language_blocks=d.language_blocks, embed_tokens=d.embed_tokens,
-                                final_norm=d.final_norm, lm_head=d.lm_head, vision_tower=d.vision_tower,
-                                vision_blocks=d.vision_blocks, projector=d.projector)
+        return ModelParts(language_blocks=d.language_blocks, embed_tokens=d.embed_tokens, final_norm=d.final_norm,
+                          lm_head=d.lm_head, vision_tower=d.vision_tower, vision_blocks=d.vision_blocks,
+                          projector=d.projector)
 
     def language_layout(self, block: nn.Module) -> BlockLayout:
         return self.discovery.language_spec.layout(block)
@@ -90,3 +90,15 @@ class AutoAdapter(ModelAdapter):
             if full:
                 return index in full
         return super().block_kind(part, index)
+
+
+class AutoVLMAdapter(AutoAdapter):
+    """``model.type: auto`` on a checkpoint with a vision config."""
+
+    is_vlm = True
+
+
+class AutoTextAdapter(AutoAdapter):
+    """``model.type: auto`` on a text-only checkpoint."""
+
+    is_vlm = False

@@ -120,9 +120,9 @@ class {name}Adapter(ModelAdapter):
         {_layout_call(d.language_spec)}
 {vision_layout}
     def rotation_targets(self) -> RotationTargets:
-        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers={writer},
+        return RotationTargets(embeddings=(self.model_parts.embed_tokens,), external_writers={writer},
                                external_weights={tuple((n, "row") for n in d.raw_writers)!r},
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
+                               final_norm=self.model_parts.final_norm, lm_head=self.model_parts.lm_head)
 '''
 
 

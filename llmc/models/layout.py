@@ -6,12 +6,10 @@ the block (``LayerGroup``) or to the whole model (``ModelParts``,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 ProducerKind = Literal["norm", "linear"]
-Part = Literal["vision", "language"]
-PARTS: tuple[str, ...] = ("vision", "language")
 EXTERNAL_WEIGHT_KINDS: tuple[str, ...] = ("in_out", "row")
 
 
@@ -71,9 +69,11 @@ class BlockLayout:
     ``value``: the op producing the attention values (with its rows when fused)
     and ``attn_output`` the projection consuming them, for head-wise transforms,
     whatever the head grouping; ``head_dim``/``num_heads``/``num_kv_heads`` too.
+    ``query_key``: the separate query and key projections (a fused qkv is none of them).
     """
 
     groups: tuple[LayerGroup, ...]
+    query_key: tuple[str, ...] = ()
     residual_writers: tuple[str, ...] = ()
     norms: tuple[str, ...] = ()
     writer_norms: tuple[str, ...] = ()
@@ -129,4 +129,3 @@ class RotationTargets:
     lm_head: str
     norm_weight_offset: float = 0.0
     external_weights: tuple[tuple[str, str], ...] = ()
-    extra: dict[str, str] = field(default_factory=dict)

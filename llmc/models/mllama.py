@@ -55,6 +55,7 @@ def cross_attention_layout(block: nn.Module, attn: str = "cross_attn") -> BlockL
                        producer=Producer("post_attention_layernorm", "norm")),
             LayerGroup("mlp_out", ("mlp.down_proj",), inspect="mlp.down_proj", producer=Producer("mlp.up_proj", "linear")),
         ),
+        query_key=(q, k),
         residual_writers=(o, "mlp.down_proj"),
         norms=("input_layernorm", "post_attention_layernorm"),
         value=Producer(v, "linear"), attn_output=o,

@@ -13,7 +13,8 @@ language block ``k`` (``Qwen3VLTextModel._deepstack_process``). Hence
   block ``k + 1``. The model passes ``visual_pos_masks`` and ``deepstack_visual_embeds`` to the text
   model's ``forward``, not to its blocks: :meth:`capture_extras` reads them from the text model's
   call kwargs (hook :attr:`extras_module` with ``with_kwargs=True``) and :meth:`between_blocks`
-  applies the addition. ``llmc.pipeline`` does not call these yet (see the module report).
+  applies the addition; ``llmc.pipeline`` calls both (``capture`` records the extras, the block
+  loop adds them after each block).
 """
 from __future__ import annotations
 
@@ -46,8 +47,8 @@ class Qwen3VLAdapter(ModelAdapter):
 
     def rotation_targets(self) -> RotationTargets:
         writers = ("model.visual.merger.linear_fc2", *(f"{m}.linear_fc2" for m in self.deepstack_mergers()))
-        return RotationTargets(embeddings=(self.parts.embed_tokens,), external_writers=writers,
-                               final_norm=self.parts.final_norm, lm_head=self.parts.lm_head)
+        return RotationTargets(embeddings=(self.model_parts.embed_tokens,), external_writers=writers,
+                               final_norm=self.model_parts.final_norm, lm_head=self.model_parts.lm_head)
 
     # -------------------------------------------------- what a block-by-block pipeline must add
     @staticmethod

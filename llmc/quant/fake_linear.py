@@ -8,45 +8,55 @@ GPTQ's error compensation); ``enabled=False`` evaluates the transformed model.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize, quantize, quantize_per_token
 
+if TYPE_CHECKING:
+    from llmc.plan import LayerPlan
+
 
 class FakeQuantLinear(nn.Linear):
-    """``y = x @ fq(W)^T + b`` with ``fq`` the quantize-dequantize of ``spec``."""
+    """``y = x @ fq(W)^T + b`` with ``fq`` the quantize-dequantize of its plan entry's spec.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, spec: QuantSpec,
-                 act_bits: int | None = None, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.spec = spec
-        self.act_bits = act_bits
-        self.enabled = True
-        self.register_buffer("scale", None, persistent=False)
-        self.register_buffer("zero", None, persistent=False)
-        self.register_buffer("g_idx", None, persistent=False)
+    ``layer`` is the layer's :class:`llmc.plan.LayerPlan` (name, part, spec, activation bits):
+    the module reads how it is quantized from the plan, it never decides it.
+    """
+
+    layer: "LayerPlan"
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.layer.spec
+
+    @property
+    def act_bits(self) -> int | None:
+        return self.layer.act_bits
 
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
-        spec: QuantSpec,
+        layer: "LayerPlan",
         scale: torch.Tensor | None = None,
         zero: torch.Tensor | None = None,
         g_idx: torch.Tensor | None = None,
-        act_bits: int | None = None,
     ) -> "FakeQuantLinear":
         """Wrap ``linear`` (sharing its parameters). Missing ``scale``/``zero`` are min/max RTN."""
+        if layer.spec is None:
+            raise ValueError(f"{layer.name}: the plan keeps this layer float; it cannot be fake-quantized")
         w = linear.weight
         fq = cls.__new__(cls)
         nn.Module.__init__(fq)
         fq.in_features, fq.out_features = linear.in_features, linear.out_features
         fq.weight, fq.bias = linear.weight, linear.bias
-        fq.spec, fq.act_bits, fq.enabled = spec, act_bits, True
+        fq.layer, fq.enabled = layer, True
         if scale is None or zero is None:
-            scale, zero = compute_qparams(w.detach(), spec)
+            scale, zero = compute_qparams(w.detach(), layer.spec)
         fq.register_buffer("scale", scale.to(w.device, torch.float32), persistent=False)
         fq.register_buffer("zero", zero.to(w.device, torch.float32), persistent=False)
         fq.register_buffer("g_idx", None if g_idx is None else g_idx.to(w.device), persistent=False)
@@ -72,16 +82,6 @@ class FakeQuantLinear(nn.Linear):
     def int_weight(self) -> torch.Tensor:
         """Integer weight ``[out, in]`` (int32) for exporters."""
         return quantize(self.weight.detach(), self.scale, self.zero, self.spec, self.g_idx)
-
-    def to_linear(self, fake: bool = True) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the fake-quantized (or the float) weight."""
-        lin = nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.quantized_weight() if fake else self.weight)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:

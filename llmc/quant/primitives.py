@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 Granularity = Literal["per_channel", "per_group"]
-VALID_BITS = (2, 3, 4, 5, 6, 7, 8)
+VALID_BITS = (2, 3, 4, 8)  # the bit widths a config may ask for (llmc.config.WeightConfig)
 
 
 @dataclass(frozen=True)
@@ -71,24 +71,27 @@ def to_groups(w: torch.Tensor, group_len: int) -> torch.Tensor:
 
 
 def compute_qparams(
-    w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0
+    w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float = 1.0, clip_min: torch.Tensor | float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Min/max scales and zero points, each ``[out, n_groups]``.
 
-    ``clip`` (scalar or ``[out, n_groups]``) shrinks the range, as found by a
-    clipping search (AWQ's ``weight_clip``).
+    ``clip`` (scalar or ``[out, n_groups]``) shrinks the range, as found by a clipping search
+    (AWQ's ``weight_clip``); for asymmetric weights ``clip_min`` shrinks the min side separately
+    (default: ``clip`` for both sides). Symmetric weights use ``clip`` on the absmax.
     """
     g = to_groups(w.float(), spec.group_len(w.shape[1]))  # [out, G, gl]
     clip_t = torch.as_tensor(clip, dtype=torch.float32, device=w.device)
+    qmin, qmax = qrange(spec.bits, spec.symmetric)
     if spec.symmetric:
         absmax = g.abs().amax(dim=-1) * clip_t
-        scale = (absmax / ((2**spec.bits - 1) / 2)).clamp(min=1e-8)
+        scale = (absmax / ((qmax - qmin) / 2)).clamp(min=1e-8)
         zero = torch.zeros_like(scale)
     else:
+        low = clip_t if clip_min is None else torch.as_tensor(clip_min, dtype=torch.float32, device=w.device)
         wmax = g.amax(dim=-1).clamp(min=0) * clip_t
-        wmin = g.amin(dim=-1).clamp(max=0) * clip_t
-        scale = ((wmax - wmin) / (2**spec.bits - 1)).clamp(min=1e-8)
-        zero = torch.round(-wmin / scale).clamp(0, 2**spec.bits - 1)
+        wmin = g.amin(dim=-1).clamp(max=0) * low
+        scale = ((wmax - wmin) / (qmax - qmin)).clamp(min=1e-8)
+        zero = torch.round(-wmin / scale).clamp(qmin, qmax)
     return scale, zero
 
 

@@ -210,11 +210,30 @@ def _check_family(family: str) -> None:
         raise ValueError(f"unknown tiny model family {family!r}; valid families: {', '.join(_BUILDERS)}")
 
 
+@torch.no_grad()
+def perturb_biases_and_norms(model: torch.nn.Module, seed: int) -> None:
+    """Non-zero biases and non-unit norm weights wherever the architecture has them.
+
+    A fresh transformers model has zero biases and unit (or, for ``1 + w`` norms, zero) norm weights,
+    which would leave bias handling in folding and rotation untested: biases get ``N(0, 0.05)``,
+    norm weights ``+ N(0, 0.1)``.
+    """
+    g = torch.Generator().manual_seed(seed + 7)
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        module = name.rsplit(".", 1)[0]
+        if leaf == "bias":
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        elif leaf == "weight" and p.dim() == 1 and "norm" in module.lower():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
 def _write(family: str, folder: Path, seed: int) -> None:
     """Build the model (seeded) with its processor/tokenizer and save everything into ``folder``."""
     torch.manual_seed(seed)
     model, processor, tok = _BUILDERS[family]()
     model = model.to(torch.float32).eval()
+    perturb_biases_and_norms(model, seed)
     model.generation_config = _generation_config(tok)
     model.save_pretrained(folder)
     (processor if processor is not None else tok).save_pretrained(folder)
