@@ -206,6 +206,7 @@ class SaveConfig:
     save_sgl: bool = False
     save_autoawq: bool = False
     save_gptq: bool = False
+    save_gguf: bool = False
     tpu_check: bool = False
 
     def __post_init__(self) -> None:
@@ -213,7 +214,7 @@ class SaveConfig:
             raise ConfigError("save.tpu_check: checks the transformed float export; set save.save_trans: true too")
 
     def real_quant_keys(self) -> list[str]:
-        return [k for k in ("save_vllm", "save_sgl", "save_autoawq", "save_gptq") if getattr(self, k)]
+        return [k for k in ("save_vllm", "save_sgl", "save_autoawq", "save_gptq", "save_gguf") if getattr(self, k)]
 
 
 @dataclass

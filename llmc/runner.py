@@ -153,6 +153,10 @@ def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
         logger.info(f"plan: {plan.summary()}")
         keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
         check_save_plan(keys, plan.quantized())
+        if cfg.save.save_gguf:
+            from llmc.export.gguf_vision import check_gguf_family
+
+            check_gguf_family(adapter)
     evaluation = JobEvaluation(cfg, adapter, device, out, plan)
     with job.step("evaluate before quantization"):
         evaluation.before_quant()

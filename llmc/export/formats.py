@@ -9,6 +9,7 @@ save_vllm      vllm        compressed-tensors (pack-quantized / int-quantized)
 save_sgl       sgl         compressed-tensors (same files; SGLang reads them)
 save_autoawq   autoawq     AutoAWQ GEMM (w4 asymmetric per-group only)
 save_gptq      gptq        GPTQ v1 (``checkpoint_format: gptq``)
+save_gguf      gguf        GGUF for llama.cpp: ``model.gguf`` + ``mmproj.gguf`` (Q4_0/Q4_1/Q8_0)
 =============  ==========  =========================================================
 
 ``save_trans`` (with ``save.tpu_check``) is :func:`llmc.export.trans_tpu.export_trans`.
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from llmc.export.awq_gemm import check_awq_plan, export_autoawq
 from llmc.export.compressed import export_compressed_tensors, export_sgl, export_vllm, load_real_quant
+from llmc.export.gguf import check_gguf_plan, export_gguf
 from llmc.export.gptq_pack import check_gptq_plan, export_gptq
 from llmc.plan import LayerPlan
 from llmc.export.trans_tpu import check_tpu_plan, export_trans
@@ -29,19 +31,22 @@ from llmc.export.trans_tpu import check_tpu_plan, export_trans
 if TYPE_CHECKING:
     from llmc.models.base import ModelAdapter
 
-Exporter = Callable[["ModelAdapter", "str | Path"], Path]
+Exporter = Callable[["ModelAdapter", "str | Path"], object]
 
 EXPORTERS: dict[str, Exporter] = {
     "save_vllm": export_vllm,
     "save_sgl": export_sgl,
     "save_autoawq": export_autoawq,
     "save_gptq": export_gptq,
+    "save_gguf": export_gguf,
 }
-FOLDERS: dict[str, str] = {"save_vllm": "vllm", "save_sgl": "sgl", "save_autoawq": "autoawq", "save_gptq": "gptq"}
+FOLDERS: dict[str, str] = {"save_vllm": "vllm", "save_sgl": "sgl", "save_autoawq": "autoawq", "save_gptq": "gptq",
+                           "save_gguf": "gguf"}
 
 PRECHECKS: dict[str, Callable[[list[LayerPlan]], object]] = {
     "save_autoawq": check_awq_plan,
     "save_gptq": check_gptq_plan,
+    "save_gguf": check_gguf_plan,
     "tpu_check": check_tpu_plan,
 }
 
