@@ -88,6 +88,8 @@ def flatten_rows(x: torch.Tensor, weight: torch.Tensor | None) -> tuple[torch.Te
     if w.numel() != rows.shape[0]:
         raise ValueError(f"token weight of {w.numel()} rows does not match an input of {rows.shape[0]} rows")
     keep = w > 0
+    if bool(keep.all()):  # no padding: no copy
+        return rows, w.float()
     return rows[keep], w[keep].float()
 
 

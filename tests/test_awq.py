@@ -439,3 +439,18 @@ def test_cli_writes_the_record_and_a_relative_load_scales_replays_it(tmp_path, t
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = load_file(first / "fake" / "model.safetensors"), load_file(tmp_path / "replay" / "fake" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_linear_loss_shortcut_equals_running_the_linear():
+    """For a group whose inspected module is its one linear, the quadratic form over the inputs' Hessian
+    gives the loss of running the linear on every call (padding rows, weight 0, left out)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    spec = QuantSpec(bits=3, symmetric=False, group_size=32)
+    calls = toy_calls(n=3, t=40, c=64, pad=5)
+    xs, ws = [c.args[0] for c in calls], [c.token_weight for c in calls]
+    fast = awq._linear_loss(lin, spec, xs, ws)
+    slow = awq._module_loss(lin, [(lin, spec)], [((x,), {}) for x in xs], ws)
+    for s in (torch.ones(64), 0.5 + torch.rand(64), awq.grid_scales(xs[0].abs().mean((0, 1)), 0.5)):
+        assert fast(s) == pytest.approx(slow(s), rel=1e-4)
+    assert fast(torch.ones(64)) != pytest.approx(fast(0.2 + torch.rand(64)), rel=1e-2)

@@ -306,3 +306,18 @@ def test_config_file() -> None:
     assert data["save"]["save_path"] == "../runs/gptq_w4a16"
     algos = build_algorithms(from_dict(QuantConfig, data["quant"], "quant"))
     assert [a.name for a in algos] == ["GPTQ"]
+
+
+@pytest.mark.parametrize("spec", [G16, QuantSpec(bits=3, symmetric=True, granularity="per_group", group_size=16)],
+                         ids=["asym4g16", "sym3g16"])
+def test_sub_blocks_change_speed_only(monkeypatch, spec: QuantSpec) -> None:
+    """The lazy-update sub-blocks (any size, aligned with the groups or not) give the same weights in float64."""
+    import llmc.algorithms.gptq as gptq
+
+    W, H = case(5)
+    results = []
+    for inner in (10**6, 12, 5):
+        monkeypatch.setattr(gptq, "INNER", inner)
+        results.append(gptq_quantize_weight(W, H, spec, blocksize=40)[0])
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    assert torch.allclose(results[0], slow_gptq(W, H, spec), atol=1e-6)

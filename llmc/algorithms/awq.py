@@ -217,28 +217,68 @@ def clip_skipped(ctx: BlockContext) -> set[str]:
     return {n for n in ctx.layout.linears() if ctx.has_role(n, Role.QUERY_KEY)}
 
 
+def _scaled_fq(w0: torch.Tensor, spec: QuantSpec, s: torch.Tensor) -> torch.Tensor:
+    """``fq(W * s) / s`` in ``w0``'s dtype: a consumer's weight while scale ``s`` is tried."""
+    sd = s.to(w0.device)[None, :]
+    return (rtn_fake_quantize(w0.float() * sd, spec) / sd).to(w0.dtype)
+
+
+def _linear_loss(lin: torch.nn.Linear, spec: QuantSpec, xs: Sequence[torch.Tensor],
+                 weights: Sequence[torch.Tensor | None]) -> LossFn:
+    """The loss when the inspected module is the group's only linear, without running it per ratio.
+
+    Its output error is ``x D`` with ``D = (W_q - W)^T``, so the token-weighted mean over rows of
+    the mean squared error over outputs is ``sum(D * (H D)) / (out * sum w)`` with
+    ``H = sum_i w_i x_i^T x_i``, accumulated once: each ratio then costs ``in^2 * out`` instead of
+    ``tokens * in * out``. The same quantity as running the linear, without rounding its outputs.
+    """
+    H = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
+    norm = 0.0
+    for x, w in zip(xs, weights):
+        rows, rw = flatten_rows(x, w)
+        rows = rows.float()
+        if rw is not None:
+            rows = rows * rw.sqrt()[:, None]
+        norm += float(rows.shape[0] if rw is None else rw.sum())
+        H.addmm_(rows.t(), rows)
+    w0 = lin.weight.detach()
+
+    @torch.no_grad()
+    def loss(s: torch.Tensor) -> float:
+        D = (_scaled_fq(w0, spec, s).float() - w0.float()).t()
+        return float((D * (H @ D)).sum()) / (lin.out_features * max(norm, 1e-12))
+
+    return loss
+
+
 def _group_loss(ctx: BlockContext, group: LayerGroup, calls: list[tuple[tuple, dict]],
                 weights: Sequence[torch.Tensor | None]) -> LossFn:
     """Token-weighted MSE of ``inspect`` vs its float output, consumers set to ``fq(W * s) / s``."""
-    inspect = ctx.get(group.inspect)
     lins = [(ctx.get(n), ctx.spec(n)) for n in group.linears]
+    if group.linears == (group.inspect,) and lins[0][1] is not None:
+        return _linear_loss(lins[0][0], lins[0][1], [hidden_input(a, k) for a, k in calls], weights)
+    return _module_loss(ctx.get(group.inspect), lins, calls, weights)
+
+
+def _module_loss(inspect: torch.nn.Module, lins: list[tuple[torch.nn.Module, QuantSpec | None]],
+                 calls: list[tuple[tuple, dict]], weights: Sequence[torch.Tensor | None]) -> LossFn:
+    """The loss by running ``inspect`` on every call for each ratio (any module: attention, MLP)."""
     orig = [lin.weight.detach().clone() for lin, _ in lins]
     with torch.no_grad():
         refs = [first_tensor(inspect(*a, **k)).float() for a, k in calls]
+    flat = [None if w is None else w.reshape(-1).float() for w in weights]
+    norm = sum(float(r.shape[:-1].numel()) if w is None else float(w.sum()) for r, w in zip(refs, flat))
 
     @torch.no_grad()
     def loss(s: torch.Tensor) -> float:
         try:
             for (lin, spec), w0 in zip(lins, orig):
                 if spec is not None:
-                    sd = s.to(w0.device)[None, :]
-                    lin.weight.copy_((rtn_fake_quantize(w0.float() * sd, spec) / sd).to(w0.dtype))
-            err, norm = 0.0, 0.0
-            for (a, k), ref, w in zip(calls, refs, weights):
-                rows, rw = flatten_rows(first_tensor(inspect(*a, **k)).float() - ref, w)
-                sq = rows.pow(2).mean(-1)
-                err += float(sq.sum() if rw is None else (sq * rw).sum())
-                norm += float(rows.shape[0] if rw is None else rw.sum())
+                    lin.weight.copy_(_scaled_fq(w0, spec, s))
+            err = 0.0
+            for (a, k), ref, w in zip(calls, refs, flat):
+                sq = first_tensor(inspect(*a, **k)).float().sub_(ref).pow_(2).mean(-1).reshape(-1)
+                err += float(sq.sum() if w is None else sq @ w.to(sq.device))  # padding rows: weight 0
             return err / max(norm, 1e-12)
         finally:
             for (lin, _), w0 in zip(lins, orig):

@@ -43,7 +43,7 @@ from llmc.algorithms.records import GPTQRecord
 from llmc.context import BlockContext, flatten_rows
 from llmc.models.layout import LayerGroup
 from llmc.quant.fake_linear import FakeQuantLinear
-from llmc.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_quantize
+from llmc.quant.primitives import QuantSpec, compute_qparams, dequantize, qrange
 from llmc.strict import ConfigError
 
 if TYPE_CHECKING:
@@ -59,21 +59,29 @@ class HessianStats:
         self.n = 0.0  # total weight seen so far
 
     def add_batch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """Add the rows of ``x`` ``[..., C]``; ``weight`` has ``x``'s leading shape (None: all 1)."""
+        """Add the rows of ``x`` ``[..., C]``; ``weight`` has ``x``'s leading shape (None: all 1).
+
+        Rows of weight 0 (padding) are dropped; when the other weights are all 1 (no
+        ``quant.token_weight``) the rows are used as they are, else each is scaled by ``sqrt(w)`` so
+        that one symmetric product ``X^T X`` holds the weights. Accumulated in place in float32.
+        """
         rows, w = flatten_rows(x.detach(), weight)
         rows = rows.to(self.H.device, torch.float32)
-        w = None if w is None else w.to(self.H.device)
+        if w is not None and bool((w == 1).all()):
+            w = None
         added = float(rows.shape[0]) if w is None else float(w.sum())
         if added <= 0:
             return
+        if w is not None:
+            rows = rows * w.to(self.H.device).sqrt()[:, None]
         total = self.n + added
-        self.H *= self.n / total
-        weighted = rows if w is None else rows * w[:, None]
-        self.H += (2.0 / total) * (weighted.t() @ rows)
+        self.H.mul_(self.n / total)
+        self.H.addmm_(rows.t(), rows, alpha=2.0 / total)
         self.n = total
 
 
 # ------------------------------------------------------------------- numerics
+INNER = 32  # columns per sub-block of a lazy-update block (speed only: short rank-1 updates, then one GEMM)
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp I)^-1``; dampening grows x10 if ``H`` is not PD."""
     diag = torch.arange(H.shape[0], device=H.device)
@@ -91,18 +99,21 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 
 
 def _current_cols(W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor,
-                  i1: int, i: int, stop: int) -> torch.Tensor:
+                  i1: int, i: int, stop: int, k1: int, k2: int) -> torch.Tensor:
     """Error-updated weights of columns ``[i1 + i, stop)`` while column ``i1 + i`` is next.
 
-    Columns inside the block live in ``W1``; later ones still miss the block's
-    pending lazy update ``Err1 @ U[block, cols]``.
+    The block's columns live in ``W1``: those of the current sub-block ``[k1, k2)`` are up to date,
+    later ones still miss the sub-block's pending ``Err1[:, k1:i] @ U1[k1:i, cols]``; columns beyond
+    the block miss the block's pending ``Err1 @ U[block, cols]``.
     """
     i2 = i1 + W1.shape[1]
-    inside = W1[:, i: min(stop, i2) - i1]
-    if stop <= i2:
-        return inside
-    beyond = W[:, i2:stop] - Err1 @ U[i1:i2, i2:stop]
-    return torch.cat([inside, beyond], dim=1)
+    cols = [W1[:, i: min(stop, i1 + k2) - i1]]
+    if stop > i1 + k2:
+        end = min(stop, i2) - i1
+        cols.append(W1[:, k2:end] - Err1[:, k1:i] @ U[i1 + k1:i1 + i, i1 + k2:i1 + end])
+    if stop > i2:
+        cols.append(W[:, i2:stop] - Err1 @ U[i1:i2, i2:stop])
+    return cols[0] if len(cols) == 1 else torch.cat(cols, dim=1)
 
 
 def _gptq_columns(W: torch.Tensor, U: torch.Tensor, spec: QuantSpec, blocksize: int,
@@ -122,24 +133,30 @@ def _gptq_columns(W: torch.Tensor, U: torch.Tensor, spec: QuantSpec, blocksize: 
         zero = torch.zeros_like(scale)
     else:
         scale, zero = params
+    qmin, qmax = qrange(spec.bits, spec.symmetric)
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if params is None and j % gl == 0:
-                s, z = compute_qparams(_current_cols(W, W1, Err1, U, i1, i, j + gl), spec)
-                scale[:, j // gl], zero[:, j // gl] = s[:, 0], z[:, 0]
-            g = int(group_of[j])
-            w = W1[:, i: i + 1]
-            q = fake_quantize(w, scale[:, g: g + 1], zero[:, g: g + 1], spec)
-            Q[:, j] = q[:, 0]
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err @ U1[i: i + 1, i:]
-            Err1[:, i] = err[:, 0]
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        for k1 in range(0, i2 - i1, INNER):  # the block again in sub-blocks: rank-1 updates stay short
+            k2 = min(k1 + INNER, i2 - i1)
+            for i in range(k1, k2):
+                j = i1 + i
+                if params is None and j % gl == 0:
+                    s, z = compute_qparams(_current_cols(W, W1, Err1, U, i1, i, j + gl, k1, k2), spec)
+                    scale[:, j // gl], zero[:, j // gl] = s[:, 0], z[:, 0]
+                g = int(group_of[j])
+                w = W1[:, i]
+                # fake_quantize of one column, inline: the arithmetic of llmc.quant.primitives (float32)
+                s_g, z_g = scale[:, g].float(), zero[:, g].float()
+                q = ((torch.clamp(torch.round(w.float() / s_g) + z_g, qmin, qmax) - z_g) * s_g).to(w.dtype)
+                Q[:, j] = q
+                err = (w - q).div_(U1[i, i])
+                W1[:, i:k2].addr_(err, U1[i, i:k2], alpha=-1.0)
+                Err1[:, i] = err
+            W1[:, k2:].addmm_(Err1[:, k1:k2], U1[k1:k2, k2:], alpha=-1.0)
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
     return Q, scale, zero
 
 
