@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4", "torchvision", "transformers>=5.0,<6", "accelerate>=1.0", "safetensors", "tokenizers",
-        "loguru", "pyyaml", "tqdm", "pillow", "numpy",
+        "loguru", "pyyaml", "tqdm", "pillow", "numpy", "psutil",
     ],
     extras_require={
         # lmms-eval 0.7.3 imports filelock._api, which filelock 4.3 removed

@@ -208,6 +208,9 @@ class SaveConfig:
     save_gptq: bool = False
     save_gguf: bool = False
     tpu_check: bool = False
+    gptq_format: Literal["auto", "gptq", "gptq_v2"] = "auto"  # auto: gptq (v1) symmetric, gptq_v2 asymmetric
+    pack_vision: bool = False  # save_autoawq / save_gptq: pack the vision tower too (GPTQModel needs it float)
+    verify: bool = True  # reload compressed-tensors exports and compare logits (llmc.export.verify)
 
     def __post_init__(self) -> None:
         if self.tpu_check and not self.save_trans:
@@ -219,8 +222,14 @@ class SaveConfig:
 
 @dataclass
 class RunConfig:
+    """``stream``: read the language blocks one at a time from the checkpoint (auto: whenever the
+    checkpoint, the method and the outputs allow it; the reason is logged otherwise).
+    ``offload_activations``: where the calibration activations wait between blocks (:mod:`llmc.offload`)."""
+
     device: str = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    stream: Literal["auto", True, False] = "auto"
+    offload_activations: Literal["auto", "device", "cpu", "disk"] = "auto"
 
 
 @dataclass

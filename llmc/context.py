@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmc.models.layout import BlockLayout
+from llmc.offload import ActivationStore, OnDisk
 from llmc.plan import LayerPlan, Part, QuantPlan, Role
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec
@@ -29,16 +30,16 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
 
 def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden-state input of a module call (first positional, else ``hidden_states``)."""
-    if args and isinstance(args[0], torch.Tensor):
+    if args and isinstance(args[0], (torch.Tensor, OnDisk)):
         return args[0]
-    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+    if isinstance(kwargs.get("hidden_states"), (torch.Tensor, OnDisk)):
         return kwargs["hidden_states"]
     raise ValueError(f"cannot find the hidden-state input among args={len(args)} kwargs={sorted(kwargs)}")
 
 
 def with_hidden_input(args: tuple, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
     """The same call with its hidden-state input replaced by ``x``."""
-    if args and isinstance(args[0], torch.Tensor):
+    if args and isinstance(args[0], (torch.Tensor, OnDisk)):
         return (x, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": x}
 
@@ -105,6 +106,13 @@ class BlockContext:
     calls: list[CachedCall]
     device: torch.device
     plan: QuantPlan
+    store: ActivationStore | None = None  # where the calls' hidden states wait (None: on the device)
+
+    def resident(self, call: CachedCall) -> CachedCall:
+        """``call`` with its hidden state on the compute device (read back from its store)."""
+        if self.store is None:
+            return call
+        return call.with_hidden(self.store.get(hidden_input(call.args, call.kwargs)))
 
     def get(self, name: str) -> nn.Module:
         return self.block.get_submodule(name)
@@ -127,7 +135,7 @@ class BlockContext:
     @torch.no_grad()
     def run(self) -> list[torch.Tensor]:
         """Block outputs for every cached call."""
-        return [first_tensor(self.block(*c.args, **c.kwargs)) for c in self.calls]
+        return [first_tensor(self.block(*c.args, **c.kwargs)) for c in map(self.resident, self.calls)]
 
     @contextmanager
     def recording(self, names: Sequence[str]) -> Iterator[dict[str, list[tuple[tuple, dict]]]]:
@@ -188,7 +196,7 @@ class BlockContext:
 
         hooks = [self.get(n).register_forward_pre_hook(make_hook(n), with_kwargs=True) for n in names]
         try:
-            for call in self.calls:
+            for call in map(self.resident, self.calls):
                 current[0] = call
                 self.block(*call.args, **call.kwargs)
         finally:

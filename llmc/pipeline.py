@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 from loguru import logger
@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llmc.context import BlockContext, CachedCall, hidden_input, to_device
+from llmc.offload import ActivationStore
 from llmc.plan import Part, QuantPlan
 
 if TYPE_CHECKING:
@@ -172,30 +173,59 @@ def _no_cache(kwargs: dict) -> dict:
     return {**kwargs, "use_cache": False} if "use_cache" in kwargs else kwargs
 
 
+AfterBlock = Callable[[str, int, str, nn.Module], None]
+
+
 def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], algorithm: "Algorithm",
-                   plan: QuantPlan, device: torch.device) -> list[torch.Tensor]:
+                   plan: QuantPlan, device: torch.device, after_block: AfterBlock | None = None,
+                   store: ActivationStore | None = None) -> list[torch.Tensor]:
     """Apply ``algorithm`` to every block of ``part`` in order, chaining quantized outputs.
 
+    ``after_block(part, index, name, block)`` runs once a block is final (streamed jobs write its
+    outputs then). A streamed adapter's language blocks are read just before and released just after.
+    ``store`` keeps the hidden states between blocks (:mod:`llmc.offload`; None: on the device).
     Returns the last block's outputs, one per cached call.
     """
     blocks = adapter.blocks(part)
     prefix = adapter.blocks_path(part)
+    stream = adapter.stream if part == "language" else None
     for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} {part} blocks"):
         t0 = time.time()
         block = blocks[i]
+        if stream is not None:
+            stream.load(f"{prefix}.{i}")
         block.to(device)
         src = adapter.kwargs_source(part, i)
         block_calls = [c.for_block(adapter.block_call_kwargs(part, i, c.kwargs_for(src))) for c in calls]
         ctx = BlockContext(part=Part.parse(part), index=i, prefix=f"{prefix}.{i}", block=block,
-                           layout=adapter.block_layout(part, block), calls=block_calls, device=device, plan=plan)
+                           layout=adapter.block_layout(part, block), calls=block_calls, device=device, plan=plan,
+                           store=store)
         algorithm.process_block(ctx)
         outs = ctx.run()
-        calls = [c.with_hidden(adapter.between_blocks(part, i, o, c.extras)) for c, o in zip(calls, outs)]
+        calls = [_keep(c, adapter.between_blocks(part, i, o, c.extras), store) for c, o in zip(calls, outs)]
         if device.type != "cpu":
             block.to("cpu")
+        if after_block is not None:
+            after_block(part, i, f"{prefix}.{i}", block)
+        if stream is not None:
+            stream.release(block)
         # the console shows the progress bar; the job's log gets one line per block
         logger.bind(file_only=True).info(f"{algorithm.name} {part} block {i + 1}/{len(blocks)}: {time.time() - t0:.1f}s")
-    return [hidden_input(c.args, c.kwargs) for c in calls]
+    return [hidden_input(c.args, c.kwargs) if store is None else store.get(hidden_input(c.args, c.kwargs))
+            for c in calls]
+
+
+def _keep(call: CachedCall, hidden: torch.Tensor, store: ActivationStore | None) -> CachedCall:
+    """``call`` with its next hidden state, put into ``store`` (the previous one dropped)."""
+    if store is None:
+        return call.with_hidden(hidden)
+    store.drop(hidden_input(call.args, call.kwargs))
+    return call.with_hidden(store.put(hidden))
+
+
+def offload_calls(calls: list[CachedCall], store: ActivationStore) -> list[CachedCall]:
+    """Captured calls with their hidden states put into ``store``."""
+    return [c.with_hidden(store.put(hidden_input(c.args, c.kwargs))) for c in calls]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,3 +236,15 @@ def resolve_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run.device: {name!r} asked for, but CUDA is not available; valid: 'auto', 'cpu'")
     return dev
+
+
+def check_dtype(device: torch.device, dtype: str, bf16_supported: bool | None = None) -> None:
+    """Refuse, before any work, a model dtype the device cannot compute in (bfloat16 on a GPU without it)."""
+    if device.type != "cuda" or dtype != "bfloat16":
+        return
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    if not bf16_supported:
+        gpu = torch.cuda.get_device_name(device) if torch.cuda.is_available() else str(device)
+        raise ValueError(f"model.dtype: 'bfloat16' cannot run on {gpu}; valid here: 'float16', 'float32' "
+                         f"(or run.device: cpu)")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,18 +21,30 @@ from loguru import logger
 
 from llmc.algorithms import Algorithm, build_algorithms
 from llmc.algorithms.base import describe_pipeline
+from llmc.algorithms.records import GPTQRecord
 from llmc.builtin import is_builtin, local_path
 from llmc.calib import batches as make_batches
 from llmc.calib import load_samples
 from llmc.config import ConfigError, LLMCConfig
+from llmc.context import hidden_input
 from llmc.eval.job import JobEvaluation
-from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan, export_trans
-from llmc.export.hf import save_hf_folder
+from llmc.export.base import ExportMismatch
+from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan
+from llmc.export.outputs import JobOutputs
+from llmc.export.verify import check_reload
 from llmc.guard import check_save_path
 from llmc.jobdir import JobFailed, JobFolder
 from llmc.models import ModelAdapter, load_adapter
 from llmc.models.checkpoint import check_checkpoint
-from llmc.pipeline import capture, process_blocks, resolve_device
+from llmc.offload import ActivationStore
+from llmc.pipeline import (
+    AfterBlock,
+    capture,
+    check_dtype,
+    offload_calls,
+    process_blocks,
+    resolve_device,
+)
 from llmc.plan import QuantPlan, build_plan
 from llmc.quant.fake_linear import FakeQuantLinear
 
@@ -70,12 +84,13 @@ def _check_applied(plan: QuantPlan, adapter: ModelAdapter) -> None:
 
 def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, state_dir: Path | None = None,
                    batches: list[dict] | None = None, plan: QuantPlan | None = None,
-                   algos: list[Algorithm] | None = None) -> dict[str, str]:
+                   algos: list[Algorithm] | None = None, after_block: AfterBlock | None = None) -> dict[str, str]:
     """Apply ``quant.method`` to the parts of the plan; returns layer -> setting of every quantized layer.
 
     ``plan`` and ``algos`` are built from ``cfg`` when not given (the job builds each once).
     With ``state_dir``, each algorithm writes its record there (AWQ's scales, GPTQ's integers).
-    ``batches`` (model inputs) replace ``calib`` when given.
+    ``batches`` (model inputs) replace ``calib`` when given. ``after_block`` runs once each block is
+    final (:func:`llmc.pipeline.process_blocks`).
     """
     algos = algos if algos is not None else build_algorithms(cfg.quant)
     plan = plan if plan is not None else build_plan(cfg.quant, adapter)
@@ -87,11 +102,16 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
         batches = []
     elif batches is None:
         batches = calibration_batches(cfg, adapter)
+    folder = Path(state_dir or tempfile.mkdtemp(prefix="llmc-act-")) / ".activations"
     for part in plan.parts:
         t0 = time.time()
         calls = capture(adapter, part.value, batches, device, cfg.quant.token_weight) if batches else []
-        process_blocks(adapter, part.value, calls, quantizer, plan, device)
+        store = ActivationStore.choose(cfg.run.offload_activations, [hidden_input(c.args, c.kwargs) for c in calls],
+                                       device, folder)
+        process_blocks(adapter, part.value, offload_calls(calls, store), quantizer, plan, device, after_block, store)
+        del calls
         logger.info(f"{quantizer.name} on {part.value}: {time.time() - t0:.1f}s")
+    shutil.rmtree(folder, ignore_errors=True)
     _check_applied(plan, adapter)
     if state_dir is not None:
         for algo in algos:
@@ -122,6 +142,7 @@ def precheck(cfg: LLMCConfig, overwrite: bool) -> tuple[Path, list[Algorithm]]:
         check_tasks(cfg.eval)
     if not is_builtin(cfg.model.path):
         check_checkpoint(cfg.model.type, cfg.model.path)
+    check_dtype(resolve_device(cfg.run.device), cfg.model.dtype)
     return save, algos
 
 
@@ -137,6 +158,25 @@ def _evaluate_and_report(cfg: LLMCConfig, job: JobFolder, evaluation: JobEvaluat
         evaluation.finish()
 
 
+def stream_choice(cfg: LLMCConfig, algos: list[Algorithm]) -> bool:
+    """Whether the job streams the checkpoint (``run.stream``); what keeps it on the eager path is logged
+    (``auto``) or an error (``true``)."""
+    if cfg.run.stream is False:
+        return False
+    why = None
+    transforms = [a.name for a in algos if not a.quantizes]
+    if transforms:
+        why = f"{', '.join(transforms)} transforms every block before the block loop"
+    elif cfg.save.save_gguf:
+        why = "save_gguf writes its file from the whole model"
+    if why is None:
+        return True
+    if cfg.run.stream is True:
+        raise ConfigError(f"run.stream: true, but {why}; use run.stream: auto or false")
+    logger.info(f"stream: the checkpoint is loaded whole (eager path): {why}")
+    return False
+
+
 def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
     out = job.path
     (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -147,46 +187,93 @@ def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
     with job.step("load model"):
         logger.info(f"llmc: model {cfg.model.type} from {cfg.model.path} on {device}")
         adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
-                               cfg.model.trust_remote_code)
+                               cfg.model.trust_remote_code, stream=stream_choice(cfg, algos))
     with job.step("plan"):
         plan = build_plan(cfg.quant, adapter)
         logger.info(f"plan: {plan.summary()}")
         keys = cfg.save.real_quant_keys() + (["tpu_check"] if cfg.save.tpu_check else [])
-        check_save_plan(keys, plan.quantized())
+        check_save_plan(keys, plan.quantized(), cfg.save.pack_vision)
         if cfg.save.save_gguf:
             from llmc.export.gguf_vision import check_gguf_family
 
             check_gguf_family(adapter)
-    evaluation = JobEvaluation(cfg, adapter, device, out, plan)
+    streamed = adapter.stream is not None
+    evaluation = JobEvaluation(cfg, adapter, device, out, plan, streamed=streamed)
     with job.step("evaluate before quantization"):
         evaluation.before_quant()
-    with job.step("quantize"):
-        quantize_model(cfg, adapter, device, state_dir=out, plan=plan, algos=algos)
-        logger.info(f"quantized {len(plan.quantized())} linear layers")
-        (out / "quant_layers.json").write_text(json.dumps(plan.to_json(), indent=1))
-        job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable records
-    save_outputs(cfg, adapter, job)
+    outputs = JobOutputs(cfg.save, adapter, list(plan.quantized()), out, evaluation.extra_folders())
+    try:
+        with job.step("quantize"):
+            if streamed and isinstance(algos[-1].record, GPTQRecord):
+                algos[-1].record.spill_to(out)  # each layer's integers go to disk as they are made
+            after = (lambda part, i, name, block: outputs.write_block(name, block)) if streamed else None
+            quantize_model(cfg, adapter, device, state_dir=out, plan=plan, algos=algos, after_block=after)
+            logger.info(f"quantized {len(plan.quantized())} linear layers")
+            (out / "quant_layers.json").write_text(json.dumps(plan.to_json(), indent=1))
+            job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable records
+        save_outputs(cfg, adapter, job, outputs)
+    except BaseException:
+        outputs.abort()
+        raise
     _evaluate_and_report(cfg, job, evaluation)
+    outputs.cleanup()
 
 
-def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, job: JobFolder) -> None:
-    """Every folder ``save`` asks for, each written whole or not at all, each kept once written."""
-    out = job.path
-    if cfg.save.save_trans:
-        with job.step("save trans/"):
-            export_trans(adapter, out / "trans", tpu_check=cfg.save.tpu_check)
-            job.keep("trans")
-        logger.info(f"saved transformed float model to {cfg.save.save_path}/trans")
-    if cfg.save.save_fake:
-        with job.step("save fake/"):
-            save_hf_folder(adapter, out / "fake", fake=True)
-            job.keep("fake")
-        logger.info(f"saved fake-quant model to {cfg.save.save_path}/fake")
-    for key in cfg.save.real_quant_keys():
-        with job.step(f"save {FOLDERS[key]}/"):
-            EXPORTERS[key](adapter, out / FOLDERS[key])
-            job.keep(FOLDERS[key])
-        logger.info(f"{key}: saved {cfg.save.save_path}/{FOLDERS[key]}")
+def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, job: JobFolder, outputs: JobOutputs) -> None:
+    """Complete every folder ``save`` asks for, each published whole, each kept once written; a streamed
+    job has written the language blocks already."""
+    done = (adapter.model_parts.language_blocks,) if adapter.stream is not None else ()
+    for folder in outputs.folders:
+        with job.step(f"save {folder}/"):
+            outputs.finish_one(folder, done)
+            if folder not in outputs.extra.values():
+                job.keep(folder)
+    if cfg.save.verify:
+        _verify(cfg, adapter, job, outputs)
+    if cfg.save.save_gguf:
+        with job.step("save gguf/"):
+            EXPORTERS["save_gguf"](adapter, job.path / FOLDERS["save_gguf"])
+            job.keep(FOLDERS["save_gguf"])
+        logger.info(f"save_gguf: saved {cfg.save.save_path}/{FOLDERS['save_gguf']}")
+
+
+def _verify(cfg: LLMCConfig, adapter: ModelAdapter, job: JobFolder, outputs: JobOutputs) -> None:
+    """Reload each compressed-tensors folder and compare its logits with the fake-quant model's."""
+    folders = [f for f in ("vllm", "sgl") if f in outputs.folders]
+    if not folders:
+        return
+    reference = adapter.model
+    if adapter.stream is not None:  # the model in memory is not whole: the reference is the fake folder
+        fake = "fake" if cfg.save.save_fake else outputs.extra.get("save_fake")
+        if fake is None:
+            logger.info("verify: a streamed job compares reloaded exports with fake/ (save_fake: true); the "
+                        "layers were checked as they were written")
+            return
+        from llmc.eval.dispatch import load_dispatched
+
+        reference = load_dispatched(job.path / fake, adapter.auto_model_class(), adapter.dtype,
+                                    torch.device("cpu"), job.path / "eval" / "offload")
+    batches = verification_batches(cfg, adapter)
+    for folder in folders:
+        with job.step(f"verify {folder}/"):
+            try:
+                check_reload(job.path / folder, adapter, batches, reference)
+            except ExportMismatch:  # never left where a runtime would serve it
+                (job.path / folder).rename(job.path / f"{folder}.rejected")
+                job.kept.remove(folder)
+                raise
+
+
+def verification_batches(cfg: LLMCConfig, adapter: ModelAdapter, n: int = 2) -> list[dict[str, torch.Tensor]]:
+    """A few calibration samples (a text prompt when the job has no calibration data)."""
+    from llmc.calib.sample import Sample
+
+    c = cfg.calib
+    if c is not None and c.path is not None:
+        samples = load_samples(c.name, local_path(c.path), min(n, c.n_samples or n), seed=cfg.base.seed)
+    else:
+        samples = [Sample("Describe what a quantized model computes, in one sentence.")]
+    return [adapter.batch_process(samples, with_answer=True, max_length=c.seq_len if c else 256)]
 
 
 def run_job(cfg: LLMCConfig, overwrite: bool = False) -> Path:

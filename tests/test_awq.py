@@ -19,7 +19,7 @@ from llmc.algorithms import awq
 from llmc.algorithms import build_algorithms as runner_build
 from llmc.algorithms.awq import AWQ, AWQOptions
 from llmc.algorithms.rtn import RTN
-from llmc.context import BlockContext, CachedCall
+from llmc.context import BlockContext, CachedCall, hidden_input
 from llmc.models.common import fused_qkv_layout
 from llmc.models.layout import BlockLayout, LayerGroup, Producer
 from llmc.quant.fake_linear import FakeQuantLinear
@@ -454,3 +454,22 @@ def test_linear_loss_shortcut_equals_running_the_linear():
     for s in (torch.ones(64), 0.5 + torch.rand(64), awq.grid_scales(xs[0].abs().mean((0, 1)), 0.5)):
         assert fast(s) == pytest.approx(slow(s), rel=1e-4)
     assert fast(torch.ones(64)) != pytest.approx(fast(0.2 + torch.rand(64)), rel=1e-2)
+
+
+def test_search_calls_subsets_the_grid_loss(monkeypatch):
+    """``search_calls``: the scale search's loss runs on that many batches (evenly strided); all when fewer."""
+    spec = QuantSpec(bits=3, symmetric=False, group_size=32)
+    seen, real = [], awq._group_loss
+
+    def spy(ctx, group, calls, weights):
+        seen.append([hidden_input(a, k).sum().item() for a, k in calls])
+        return real(ctx, group, calls, weights)
+    monkeypatch.setattr(awq, "_group_loss", spy)
+    calls = toy_calls(n=5)
+    scales = {}
+    for n in (None, 5, 3):
+        algo = make_awq(search_calls=n, weight_clip=False)
+        algo.process_block(make_ctx(ToyBlock(), TOY_LAYOUT, calls, spec))
+        scales[n] = algo.record.scales["blk.0.mlp_in"]
+    assert [len(run) for run in seen] == [5, 5, 3]
+    assert torch.equal(scales[None], scales[5])

@@ -11,7 +11,7 @@ import torch
 import llmc.runner as runner
 from llmc.calib import load_samples
 from llmc.config import parse_config
-from llmc.context import BlockContext, CachedCall, flatten_rows, hidden_input
+from llmc.context import BlockContext, flatten_rows, hidden_input
 from llmc.models import load_adapter
 from llmc.pipeline import capture
 

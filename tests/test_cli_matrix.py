@@ -1,7 +1,6 @@
 """Every algorithm through the CLI on a tiny VLM, language only and vision + language."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -51,7 +50,8 @@ def test_cli(tmp_path, tiny_model, calib_dir, method, objects):
     float_model = load_adapter("qwen2_vl", str(tiny_model("qwen2_vl")), dtype="float32")
     levels, per = (256, None) if method == "SmoothQuant" else (16, 32)  # w8 per channel / w4 g32
     record = tmp_path / "out" / "gptq_records.pt"
-    g_idx = {n: st.get("g_idx") for n, st in GPTQRecord.load(record).layers.items()} if record.exists() else {}
+    rec = GPTQRecord.load(record) if record.exists() else None
+    g_idx = {n: rec.state(n).get("g_idx") for n in rec.layers} if rec is not None else {}
     for name in layers:
         w = fake.get_submodule(name).weight.detach()
         if g_idx.get(name) is not None:  # act order: a group is the columns with the same g_idx

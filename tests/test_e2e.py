@@ -128,22 +128,27 @@ def test_cli_writes_every_real_quant_format(tmp_path, tiny_model, calib_dir):
     # the packed AutoAWQ and GPTQ tensors, unpacked by hand, are the fake-quant weights (fp16 scales)
     from safetensors.torch import load_file
 
+    from test_export_helpers import ckpt_name
+
     from llmc.export.awq_gemm import awq_dequantize
     from llmc.export.packing import unpack_int32
 
-    want = load_file(out / "fake" / "model.safetensors")
+    want = load_file(out / "fake" / "model.safetensors")  # checkpoint names (save_pretrained's)
     awq, gptq = load_file(out / "autoawq" / "model.safetensors"), load_file(out / "gptq" / "model.safetensors")
-    layers = [k.removesuffix(".qweight") for k in awq if k.endswith(".qweight")]
-    assert len(layers) == 22  # every quantized linear, vision and language
+    layers = {n: m for n, m in adapter.model.named_modules() if n.startswith("model.") and
+              isinstance(m, torch.nn.Linear) and (".language_model." in n or ".visual." in n)}
+    packed = [k.removesuffix(".qweight") for k in awq if k.endswith(".qweight")]
+    assert len(packed) == 14 and all(".language_model.layers." in n for n in packed)  # in-memory names; vision float
     for name in layers:
-        w = want[f"{name}.weight"].float()
+        w = want[ckpt_name("qwen2_vl", name) + ".weight"].float()
+        if f"{name}.qweight" not in awq:  # the vision tower: fake-quant float weights in both formats
+            assert ".visual." in name and torch.equal(awq[f"{name}.weight"].float(), w.half().float())
+            assert torch.equal(gptq[f"{name}.weight"].float(), w.half().float())
+            continue
         got = awq_dequantize(awq[f"{name}.qweight"], awq[f"{name}.qzeros"], awq[f"{name}.scales"], 32)
         torch.testing.assert_close(got, w, atol=2e-3 * float(w.abs().max()), rtol=0)
-        if f"{name}.qweight" not in gptq:  # GPTQ keeps the vision tower as fake-quant float weights
-            assert name.startswith("visual.") and torch.equal(gptq[f"{name}.weight"].float(), w.half().float())
-            continue
         q = unpack_int32(gptq[f"{name}.qweight"].t().contiguous(), 4).float()  # [out, in]
-        z = unpack_int32(gptq[f"{name}.qzeros"], 4).float().t() + 1  # v1 stores zero - 1; [out, G]
+        z = unpack_int32(gptq[f"{name}.qzeros"], 4).float().t()  # asymmetric: gptq_v2 stores the zero itself
         g = gptq[f"{name}.g_idx"].long()
         s = gptq[f"{name}.scales"].float().t()
         torch.testing.assert_close((q - z[:, g]) * s[:, g], w, atol=2e-3 * float(w.abs().max()), rtol=0)

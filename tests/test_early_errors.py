@@ -150,3 +150,14 @@ def test_error_after_the_model_loaded_is_one_line_and_the_traceback_goes_to_the_
     assert "Traceback" in (tmp_path / "out.failed.log").read_text()
     debug = subprocess.run([sys.executable, "-m", "llmc", str(f), "--debug"], capture_output=True, text=True, cwd=ROOT)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_a_dtype_the_device_cannot_run_is_refused():
+    import torch
+
+    from llmc.pipeline import check_dtype
+
+    check_dtype(torch.device("cpu"), "bfloat16")  # the CPU computes bf16
+    check_dtype(torch.device("cuda"), "bfloat16", bf16_supported=True)
+    with pytest.raises(ValueError, match="model.dtype: 'bfloat16' cannot run on .*valid here: 'float16', 'float32'"):
+        check_dtype(torch.device("cuda"), "bfloat16", bf16_supported=False)

@@ -49,12 +49,12 @@ def ref_unpack_awq(packed: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_layout_recovers_fake_quant_integers(tmp_path, tiny_model, calib_dir, dtype):
     adapter, _, _ = quantized_vlm(tiny_model, calib_dir, "qwen2_vl")
-    out = export_autoawq(adapter, tmp_path / "awq", dtype=dtype)
+    out = export_autoawq(adapter, tmp_path / "awq", dtype=dtype, pack_vision=True)
     t = read_tensors(out)
     layers = fq_layers(adapter.model)
     assert len(layers) == 22
     for name, m in layers.items():
-        k = ckpt_name("qwen2_vl", name)
+        k = name  # in-memory names: GPTQModel looks tensors up by them (vLLM and transformers map both)
         assert t[f"{k}.qweight"].shape == (m.in_features, m.out_features // 8)
         assert torch.equal(ref_unpack_awq(t[f"{k}.qweight"]).t(), m.int_weight().long()), k
         assert torch.equal(ref_unpack_awq(t[f"{k}.qzeros"]).t().float(), m.zero), k
@@ -96,11 +96,11 @@ def test_plan_is_checked_before_quantization(tiny_model):
                         "save": {"save_path": "unused"}})
     adapter = load_adapter("qwen2_vl", cfg.model.path, dtype="float32")
     plan = build_plan(cfg.quant, adapter).quantized()
-    check_save_plan(["save_vllm", "save_sgl", "tpu_check"], plan)  # fine
+    check_save_plan(["save_vllm", "save_sgl", "tpu_check", "save_autoawq", "save_gptq"], plan)  # vision kept float
     with pytest.raises(ValueError, match="one group_size per checkpoint; layers use \\[32, 64\\]"):
-        check_save_plan(["save_autoawq"], plan)
+        check_save_plan(["save_autoawq"], plan, pack_vision=True)
     with pytest.raises(ValueError, match="save_gptq: GPTQ has one"):
-        check_save_plan(["save_gptq"], plan)
+        check_save_plan(["save_gptq"], plan, pack_vision=True)
     assert not fq_layers(adapter.model)
 
 
@@ -128,7 +128,8 @@ def test_dequant_tool_gives_fake_quant_float_folder(tmp_path, tiny_model, calib_
     assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
     t = read_tensors(tmp_path / "float")
     for name, m in fq_layers(adapter.model).items():
-        assert torch.equal(t[f"{ckpt_name('qwen2_vl', name)}.weight"], m.quantized_weight())
+        key = f"{name}.weight" if f"{name}.weight" in t else f"{ckpt_name('qwen2_vl', name)}.weight"
+        assert torch.equal(t[key], m.quantized_weight())
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "float", dtype=torch.float32)
     torch.testing.assert_close(logits(reloaded, batch), fq, atol=1e-5, rtol=1e-5)
     # an existing output is refused and left alone
@@ -173,3 +174,14 @@ def test_crash_mid_write_leaves_no_folder(tmp_path, tiny_model, calib_dir, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["awq"]
     with pytest.raises(ValueError, match="overlaps"):
         dequantize_awq_folder(awq, awq / "inside")
+
+
+def test_vision_tower_is_float_unless_packed(tmp_path, tiny_model, calib_dir):
+    """GPTQModel builds AutoAWQ vision towers float (packed ones gave NaN there): kept as fake-quant floats."""
+    adapter, _, _ = quantized_vlm(tiny_model, calib_dir, "qwen2_vl")
+    t = read_tensors(export_autoawq(adapter, tmp_path / "awq", dtype=torch.float32))
+    for name, m in fq_layers(adapter.model).items():
+        vision = name.startswith("model.visual.")
+        assert (f"{name}.qweight" in t) != vision, name
+        if vision:
+            assert torch.equal(t[f"{name}.weight"], m.quantized_weight())

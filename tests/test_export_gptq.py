@@ -37,8 +37,8 @@ def test_layout_recovers_fake_quant_integers(tmp_path, tiny_model, calib_dir, sy
     packed = {n: m for n, m in layers.items() if n.startswith("model.language_model.")}
     assert len(packed) == 14
     for name, m in packed.items():
-        key = ckpt_name("qwen2_vl", name)
-        q, z = ref_unpack_gptq(t, key, 4)
+        key = name  # in-memory names: GPTQModel looks tensors up by them
+        q, z = ref_unpack_gptq(t, key, 4, v1=symmetric)
         if symmetric:
             assert torch.equal(q - 8, m.int_weight().long()) and (z == 8).all(), key
         else:
@@ -51,16 +51,15 @@ def test_layout_recovers_fake_quant_integers(tmp_path, tiny_model, calib_dir, sy
     # vision layers: kept float (fake-quant weights), excluded by `dynamic` rules
     qc = quant_config(out)
     assert qc == {**qc, "quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False,
-                  "sym": symmetric, "checkpoint_format": "gptq"}
+                  "sym": symmetric, "checkpoint_format": "gptq" if symmetric else "gptq_v2"}
     for name, m in layers.items():
         if name.startswith("model.visual."):
-            key = ckpt_name("qwen2_vl", name)
-            assert torch.equal(t[f"{key}.weight"], m.quantized_weight()) and f"{key}.qweight" not in t
-            vllm_name = "prefix." + key
-            assert any(re.match(p.removeprefix("-:"), vllm_name) for p in qc["dynamic"]), key
+            assert torch.equal(t[f"{name}.weight"], m.quantized_weight()) and f"{name}.qweight" not in t
+            for runtime_name in ("prefix." + ckpt_name("qwen2_vl", name), name):  # vLLM / GPTQModel names
+                assert any(re.match(p.removeprefix("-:"), runtime_name) for p in qc["dynamic"]), runtime_name
     for name in packed:
-        assert not any(re.match(p.removeprefix("-:"), "language_model." + ckpt_name("qwen2_vl", name))
-                       for p in qc["dynamic"])
+        for runtime_name in ("language_model." + ckpt_name("qwen2_vl", name), name):
+            assert not any(re.match(p.removeprefix("-:"), runtime_name) for p in qc["dynamic"])
 
 
 def test_quantized_vision_and_act_order(tmp_path, tiny_model, calib_dir):
@@ -71,33 +70,34 @@ def test_quantized_vision_and_act_order(tmp_path, tiny_model, calib_dir):
     out = export_gptq(adapter, tmp_path / "gptq", dtype=torch.float32, quantize_vision=True)
     t, qc = read_tensors(out), quant_config(out)
     assert qc["desc_act"] is True
-    key = ckpt_name("llava", name)
+    key = name
     assert torch.equal(t[f"{key}.g_idx"], g_idx.to(torch.int32))
     q, z = ref_unpack_gptq(t, key, 4)
     deq = (q - z[:, g_idx]).float() * m.scale[:, g_idx]
     torch.testing.assert_close(deq, m.quantized_weight(), atol=0, rtol=0)
     for n, layer in fq_layers(adapter.model).items():
-        q, _ = ref_unpack_gptq(t, ckpt_name("llava", n), 4)
+        q, _ = ref_unpack_gptq(t, n, 4)
         assert torch.equal(q - 8, layer.int_weight().long()), n
 
 
-def test_v1_cannot_hold_zero_point_zero(tmp_path, tiny_model, calib_dir):
+def test_asymmetric_v1_is_refused_and_v2_holds_zero_point_zero(tmp_path, tiny_model, calib_dir):
     adapter, _, _ = quantized_vlm(tiny_model, calib_dir, "qwen2_vl", objects=("language",))
     m = adapter.model.get_submodule("model.language_model.layers.0.mlp.up_proj")
     m.zero[0, 0] = 0.0
-    with pytest.raises(ValueError, match="gptq_v2"):
-        export_gptq(adapter, tmp_path / "v1")
+    with pytest.raises(ValueError, match="served by no runtime.*gptq_v2"):
+        export_gptq(adapter, tmp_path / "v1", checkpoint_format="gptq")
     assert not (tmp_path / "v1").exists()
-    out = export_gptq(adapter, tmp_path / "v2", checkpoint_format="gptq_v2")
-    _, z = ref_unpack_gptq(read_tensors(out), "model.layers.0.mlp.up_proj", 4, v1=False)
+    out = export_gptq(adapter, tmp_path / "v2")  # auto: asymmetric weights are written as gptq_v2
+    _, z = ref_unpack_gptq(read_tensors(out), "model.language_model.layers.0.mlp.up_proj", 4, v1=False)
     assert torch.equal(z.float(), m.zero) and quant_config(out)["checkpoint_format"] == "gptq_v2"
 
 
 def test_refuses_mixed_specs_and_odd_bits(tmp_path, tiny_model, calib_dir):
     adapter, _, _ = quantized_vlm(tiny_model, calib_dir, "qwen2_vl", extra_quant={
         "vision": {"weight": {"bit": 8, "symmetric": True, "granularity": "per_channel"}}})
+    export_gptq(adapter, tmp_path / "lang")  # the vision tower is kept float: one spec is packed
     with pytest.raises(ValueError, match="one bits/group_size/sym.*save_vllm"):
-        export_gptq(adapter, tmp_path / "gptq")
+        export_gptq(adapter, tmp_path / "gptq", quantize_vision=True)
     adapter, _, _ = quantized_vlm(tiny_model, calib_dir, "qwen2_vl", objects=("language",), bit=3)
     with pytest.raises(ValueError, match="valid bits: \\[2, 4, 8\\]"):
         export_gptq(adapter, tmp_path / "gptq")
@@ -111,6 +111,6 @@ def test_int8_per_channel(tmp_path, tiny_model, calib_dir):
     t, qc = read_tensors(out), quant_config(out)
     assert qc["bits"] == 8 and qc["group_size"] == -1
     for name, m in fq_layers(adapter.model).items():
-        q, z = ref_unpack_gptq(t, ckpt_name("qwen2_vl", name), 8)
+        q, z = ref_unpack_gptq(t, name, 8)
         assert torch.equal(q - 128, m.int_weight().long()) and (z == 128).all()
-        assert t[f"{ckpt_name('qwen2_vl', name)}.scales"].shape == (1, m.out_features)
+        assert t[f"{name}.scales"].shape == (1, m.out_features)

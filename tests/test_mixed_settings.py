@@ -6,7 +6,6 @@ both the model's modules and the saved ``quant_layers.json`` can be inspected.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from llmc import runner
 from llmc.config import ConfigError, parse_config
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec, rtn_fake_quantize
-from llmc.plan import Part, QuantPlan, load_plan, resolve_spec
+from llmc.plan import Part, load_plan, resolve_spec
 
 REPO = Path(llmc.__file__).resolve().parent.parent
 VISION = "model.visual.blocks"
@@ -32,7 +31,8 @@ N_LINEARS = {"vision": 2 * 4, "language": 2 * 7}  # tiny Qwen2-VL: 2 blocks each
 
 def job(save: Path, model: Path, **quant: Any) -> dict[str, Any]:
     return {"model": {"type": "qwen2_vl", "path": str(model), "dtype": "float32"},
-            "quant": {"method": "RTN", **quant}, "save": {"save_path": str(save)}}
+            "quant": {"method": "RTN", **quant}, "save": {"save_path": str(save)},
+            "run": {"stream": False}}  # the in-memory model is inspected afterwards
 
 
 def run(data: dict[str, Any]) -> tuple[nn.Module, dict[str, str]]:

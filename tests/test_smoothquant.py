@@ -1,7 +1,6 @@
 """SmoothQuant: scales against a hand computation, W8A8 gain on outliers, exact folding, CLI end to end."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

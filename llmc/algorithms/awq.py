@@ -14,6 +14,9 @@ separate and can be replayed from a saved record (``load_scales``).
 * ``trans_version`` ("v2"): "v2" ``s = x_mean^r``; "v1" ``s = x_mean^r / w_mean^(1-r)``
   with ``w_mean`` the mean over output rows of ``|W|`` normalised by its group's absmax.
 * ``n_grid`` (20): ratios ``r = i / n_grid`` for ``i < n_grid``; ``r = 0`` is plain RTN.
+* ``search_calls`` (null): how many calibration batches (evenly strided) the scale search's loss runs
+  on; null: all of them (the means are always over all). Fewer is faster; the measured effect is in
+  docs/performance.md.
 * ``weight_clip`` (true): search clipping ratios (llm-awq's ``auto_clip``).
 * ``clip_sym`` (true): one ratio per (row, group) shrinks both ends of the range
   (``compute_qparams``'s ``clip``). False, for asymmetric weights only, refines it
@@ -38,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from loguru import logger
@@ -68,6 +71,7 @@ class AWQOptions:
     trans: bool = True
     trans_version: Literal["v1", "v2"] = "v2"
     n_grid: int = 20
+    search_calls: int | None = None
     weight_clip: bool = True
     clip_sym: bool = True
     clip_grid: int = 20
@@ -77,8 +81,8 @@ class AWQOptions:
     save_scales: bool = True
 
     def __post_init__(self) -> None:
-        for key in ("n_grid", "clip_grid", "clip_n_tokens"):
-            if getattr(self, key) < 1:
+        for key in ("n_grid", "clip_grid", "clip_n_tokens", "search_calls"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"quant.special.{key}: {getattr(self, key)} must be >= 1")
         if not 0.0 <= self.max_shrink < 1.0:
             raise ConfigError(f"quant.special.max_shrink: {self.max_shrink} must be in [0, 1)")
@@ -292,19 +296,7 @@ class AWQ(Algorithm):
     name = "AWQ"
     Options = AWQOptions
     Record = AWQRecord
-    replay_with = "quant.special.load_scales"
-
-    def __init__(self, options: AWQOptions, quant: Any) -> None:
-        super().__init__(options, quant)
-        self.loaded = AWQRecord.load(options.load_scales) if options.load_scales is not None else None
-
-    @property
-    def load_path(self) -> str | None:
-        return self.options.load_scales
-
-    @property
-    def saves_state(self) -> bool:
-        return self.options.save_scales
+    load_option, save_option = "load_scales", "save_scales"
 
     def process_block(self, ctx: BlockContext) -> None:
         if self.loaded is not None:
@@ -329,7 +321,12 @@ class AWQ(Algorithm):
             spec = next(ctx.spec(n) for n in group.linears if ctx.spec(n) is not None)
             lins = [ctx.get(n).weight for n in group.linears]
             w_mean = weight_mean(lins, spec.group_len(lins[0].shape[1]))
-        loss = _group_loss(ctx, group, rec[group.inspect], weights)
+        calls, loss_weights = rec[group.inspect], weights
+        n = self.options.search_calls
+        if n is not None and len(calls) > n:
+            keep = [round(i * (len(calls) - 1) / max(n - 1, 1)) for i in range(n)]
+            calls, loss_weights = [calls[i] for i in keep], [weights[i] for i in keep]
+        loss = _group_loss(ctx, group, calls, loss_weights)
         s, ratio, losses = search_scales(x_mean, loss, self.options.n_grid, w_mean)
         fold_scales(ctx.block, group, s)
         self.record.scales[f"{ctx.prefix}.{group.name}"] = s.detach().cpu()

@@ -44,17 +44,22 @@ class Algorithm:
     Record: ClassVar[type[Record] | None] = None
     quantizes: ClassVar[bool] = True
     needs_calib: ClassVar[bool] = True
-    replay_with: ClassVar[str] = ""  # how a saved record is replayed (the log says it)
+    load_option: ClassVar[str | None] = None  # the option naming a record to replay (load_scales, load_state)
+    save_option: ClassVar[str | None] = None  # the option switching the record's file off (save_scales, ...)
+    replay_with: ClassVar[str] = ""  # how a saved record is replayed when no load_option says it (the log)
 
     def __init__(self, options: Any, quant: "QuantConfig") -> None:
         self.options = options
         self.quant = quant
         self.record: Record | None = self.Record() if self.Record is not None else None
+        self.loaded: Record | None = self.Record.load(self.load_path) if self.load_path is not None else None
+        if self.load_option is not None:
+            self.replay_with = f"quant.special.{self.load_option}"
 
     @property
     def load_path(self) -> str | None:
-        """The record this run replays (the algorithm's ``load_*`` option), if any."""
-        return None
+        """The record this run replays (the algorithm's ``load_option``), if any."""
+        return getattr(self.options, self.load_option) if self.load_option is not None else None
 
     def needs_calibration(self) -> bool:
         """Calibration data is needed unless the algorithm needs none or replays a record."""
@@ -68,8 +73,8 @@ class Algorithm:
 
     @property
     def saves_state(self) -> bool:
-        """Whether ``save_state`` writes the record (an option of some algorithms; default yes)."""
-        return True
+        """Whether ``save_state`` writes the record (the algorithm's ``save_option``; default yes)."""
+        return getattr(self.options, self.save_option) if self.save_option is not None else True
 
     def save_state(self, out_dir: Path) -> list[Path]:
         """Write the record into ``out_dir`` (nothing when empty, replayed, or saving is switched off)."""

@@ -21,6 +21,9 @@ Config keys (``quant.special``):
 * ``true_sequential`` (bool, true): quantize the block's layer groups one after
   the other, each calibrated on the outputs of the already quantized earlier
   groups; false collects every Hessian in one float pass first.
+* ``hessian_dtype`` (``float32`` | ``bfloat16``, float32): the precision of each batch's ``X^T X``
+  product (always accumulated in float32). bfloat16 runs the product on the CPU's bf16 units (or a
+  GPU's): faster, each batch's product rounded to bf16; its effect is measured in docs/performance.md.
 * ``save_state`` (bool, true): write the result (:class:`GPTQRecord`: integers, scales,
   zeros, ``g_idx`` per layer) into ``gptq_records.pt`` in the job folder.
 * ``load_state`` (path, null): replay such a record instead of running GPTQ (no
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from loguru import logger
@@ -47,16 +50,19 @@ from llmc.quant.primitives import QuantSpec, compute_qparams, dequantize, qrange
 from llmc.strict import ConfigError
 
 if TYPE_CHECKING:
-    from llmc.config import QuantConfig
+    pass
 
 
 # ----------------------------------------------------------------- statistics
 class HessianStats:
-    """Running ``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows."""
+    """Running ``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows; each batch's product
+    in ``compute_dtype`` (float32, or bfloat16 for speed)."""
 
-    def __init__(self, columns: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, columns: int, device: torch.device | str = "cpu",
+                 compute_dtype: torch.dtype = torch.float32) -> None:
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.n = 0.0  # total weight seen so far
+        self.compute_dtype = compute_dtype
 
     def add_batch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Add the rows of ``x`` ``[..., C]``; ``weight`` has ``x``'s leading shape (None: all 1).
@@ -66,17 +72,20 @@ class HessianStats:
         that one symmetric product ``X^T X`` holds the weights. Accumulated in place in float32.
         """
         rows, w = flatten_rows(x.detach(), weight)
-        rows = rows.to(self.H.device, torch.float32)
+        rows = rows.to(self.H.device, self.compute_dtype)
         if w is not None and bool((w == 1).all()):
             w = None
         added = float(rows.shape[0]) if w is None else float(w.sum())
         if added <= 0:
             return
         if w is not None:
-            rows = rows * w.to(self.H.device).sqrt()[:, None]
+            rows = rows * w.to(self.H.device, self.compute_dtype).sqrt()[:, None]
         total = self.n + added
         self.H.mul_(self.n / total)
-        self.H.addmm_(rows.t(), rows, alpha=2.0 / total)
+        if self.compute_dtype == torch.float32:
+            self.H.addmm_(rows.t(), rows, alpha=2.0 / total)
+        else:
+            self.H.add_((rows.t() @ rows).float(), alpha=2.0 / total)
         self.n = total
 
 
@@ -204,6 +213,7 @@ class GPTQOptions:
     actorder: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    hessian_dtype: Literal["float32", "bfloat16"] = "float32"
     save_state: bool = True
     load_state: str | None = None
 
@@ -221,19 +231,7 @@ class GPTQ(Algorithm):
     name = "GPTQ"
     Options = GPTQOptions
     Record = GPTQRecord
-    replay_with = "quant.special.load_state"
-
-    def __init__(self, options: GPTQOptions, quant: "QuantConfig") -> None:
-        super().__init__(options, quant)
-        self.loaded = GPTQRecord.load(options.load_state) if options.load_state is not None else None
-
-    @property
-    def load_path(self) -> str | None:
-        return self.options.load_state
-
-    @property
-    def saves_state(self) -> bool:
-        return self.options.save_state
+    load_option, save_option = "load_state", "save_state"
 
     @torch.no_grad()
     def collect(self, ctx: BlockContext, groups: list[LayerGroup]) -> dict[str, HessianStats]:
@@ -242,7 +240,8 @@ class GPTQ(Algorithm):
         by_input: dict[str, HessianStats] = {}
         for g in groups:
             lin = ctx.get(g.input_of)
-            stats[g.name] = by_input[g.input_of] = HessianStats(lin.in_features, lin.weight.device)
+            stats[g.name] = by_input[g.input_of] = HessianStats(lin.in_features, lin.weight.device,
+                                                                getattr(torch, self.options.hessian_dtype))
         ctx.stream_inputs(list(by_input), lambda name, x, w: by_input[name].add_batch(x, w))
         return stats
 
@@ -265,7 +264,7 @@ class GPTQ(Algorithm):
         state = {"codes": codes, "scale": fq.scale, "zero": fq.zero}
         if fq.g_idx is not None:
             state["g_idx"] = fq.g_idx
-        self.record.layers[name] = state
+        self.record.put(name, state)
 
     def _todo(self, ctx: BlockContext, group: LayerGroup) -> list[str]:
         """The group's linears to quantize: those with a spec, not already fake-quant."""
@@ -276,7 +275,7 @@ class GPTQ(Algorithm):
     def _replay(self, ctx: BlockContext) -> None:
         """Every recorded layer of the block gets its recorded integers, scales and zeros."""
         for name in ctx.layout.linears():
-            state = self.loaded.layers.get(ctx.full_name(name))
+            state = self.loaded.state(ctx.full_name(name))
             if state is None or ctx.spec(name) is None:
                 if ctx.spec(name) is not None:
                     raise ValueError(f"quant.special.load_state: {self.options.load_state} has no record for "

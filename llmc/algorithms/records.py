@@ -97,12 +97,43 @@ class SmoothQuantRecord(ScalesRecord):
 
 @dataclass
 class GPTQRecord(Record):
-    """GPTQ's result per layer (full name): ``codes`` int8 ``[out, in]``, ``scale``/``zero`` ``[out, G]``,
-    ``g_idx`` ``[in]`` or absent. Replaying sets each weight to its dequantized codes."""
+    """GPTQ's result per layer (full name): ``codes`` ``[out, in]`` (int8 symmetric, uint8 asymmetric),
+    ``scale``/``zero`` ``[out, G]``, ``g_idx`` ``[in]`` or absent. Replaying sets each weight to its
+    dequantized codes.
+
+    With :meth:`spill_to` (streamed jobs) each layer's state goes to its own file as soon as it is made
+    and the record holds the file's path relative to the record: memory does not grow with the model.
+    """
 
     METHOD = "GPTQ"
     FILE = "gptq_records.pt"
-    layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    SPILL = "gptq_records"
+    layers: dict[str, "dict[str, torch.Tensor] | str"] = field(default_factory=dict)
+
+    def spill_to(self, folder: Path) -> None:
+        self._spill = Path(folder) / self.SPILL
+        self._spill.mkdir(parents=True, exist_ok=True)
+
+    def put(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        spill = getattr(self, "_spill", None)
+        if spill is None:
+            self.layers[name] = state
+            return
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, spill / f"{name}.pt")
+        self.layers[name] = f"{self.SPILL}/{name}.pt"
+
+    def state(self, name: str) -> dict[str, torch.Tensor] | None:
+        """A layer's state (read from its file when spilled)."""
+        value = self.layers.get(name)
+        if isinstance(value, str):
+            return torch.load(self._root / value, map_location="cpu", weights_only=True)
+        return value
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GPTQRecord":
+        record = super().load(path)
+        record._root = Path(path).parent
+        return record
 
 
 @dataclass

@@ -128,22 +128,13 @@ class SmoothQuant(Algorithm):
     aliases = ("smooth_quant", "sq")
     Options = SmoothQuantOptions
     Record = SmoothQuantRecord
-    replay_with = "quant.special.load_scales"
+    load_option, save_option = "load_scales", "save_scales"
 
     def __init__(self, options: SmoothQuantOptions, quant: QuantConfig) -> None:
         if quant.act is None:
             raise ConfigError("quant.act: SmoothQuant needs activation quantization (W8A8); add "
                               "`act: {bit: 8}` under `quant` (or use RTN/AWQ/GPTQ for weight-only)")
         super().__init__(options, quant)
-        self.loaded = SmoothQuantRecord.load(options.load_scales) if options.load_scales is not None else None
-
-    @property
-    def load_path(self) -> str | None:
-        return self.options.load_scales
-
-    @property
-    def saves_state(self) -> bool:
-        return self.options.save_scales
 
     def groups(self, ctx: BlockContext) -> list[LayerGroup]:
         """Groups to smooth: those with a producer and at least one linear that is quantized."""

@@ -37,22 +37,53 @@ def describe_job(cfg: LLMCConfig, plan: QuantPlan | None) -> str:
 
 
 class JobEvaluation:
-    """Call ``before_quant()``, quantize, ``after_quant()``, save, ``real_quant(folder)``, ``finish()``."""
+    """Call ``before_quant()``, quantize, ``after_quant()``, save, ``real_quant(folder)``, ``finish()``.
+
+    ``streamed``: the model in memory is never whole (:mod:`llmc.models.stream`), so each position is
+    evaluated on a model loaded from a folder with accelerate's dispatch (``device_map="auto"``, the
+    free memory as ``max_memory``, an offload folder): the checkpoint (pretrain), ``trans/``
+    (transformed) and ``fake/`` (fake_quant); :meth:`extra_folders` names those the job must write
+    for the evaluation alone.
+    """
 
     def __init__(self, cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, out: Path,
-                 plan: QuantPlan | None = None) -> None:
+                 plan: QuantPlan | None = None, streamed: bool = False) -> None:
         self.cfg, self.adapter, self.device, self.plan = cfg, adapter, device, plan
         self.eval = cfg.eval
         self.positions = list(self.eval.eval_pos) if self.eval is not None else []
-        self.work = out / "eval"
+        self.out, self.work = out, out / "eval"
         self.results: dict[str, Any] = {}
         self.reference = None
+        self.streamed = streamed
 
-    def _at(self, position: str, adapter: ModelAdapter) -> None:
+    def extra_folders(self) -> dict[str, str]:
+        """Folders a streamed job writes for its evaluation only (save key -> folder under the job)."""
+        if not self.streamed:
+            return {}
+        extra = {}
+        if "fake_quant" in self.positions and not self.cfg.save.save_fake:
+            extra["save_fake"] = "eval/fake_model"
+        if "transformed" in self.positions and not self.cfg.save.save_trans:
+            extra["save_trans"] = "eval/trans_model"
+        return extra
+
+    def _folder(self, key: str, folder: str) -> Path:
+        return self.out / self.extra_folders().get(key, folder)
+
+    def _at(self, position: str, adapter: ModelAdapter, move: bool = True) -> None:
+        """Evaluate ``adapter``'s model; ``move``: onto the job's device (a dispatched model stays put)."""
         from llmc.eval.run import evaluate_position
 
         self.results[position] = evaluate_position(adapter, self.eval, position, self.reference, self.work,
-                                                   self.device)
+                                                   self.device if move else None)
+
+    def _from_folder(self, position: str, folder: Path) -> None:
+        """Evaluate the model saved in ``folder``, dispatched by accelerate."""
+        from llmc.eval.dispatch import load_dispatched
+
+        model = load_dispatched(folder, self.adapter.auto_model_class(), self.adapter.dtype, self.device,
+                                self.work / "offload")
+        self._at(position, self.adapter.with_model(model), move=False)
 
     def _calibration(self) -> list:
         c = self.cfg.calib
@@ -66,12 +97,23 @@ class JobEvaluation:
             return
         from llmc.eval.run import make_reference
 
-        self.reference = make_reference(self.adapter, self.eval, calibration=self._calibration(),
-                                        work_dir=self.work, device=self.device)
+        adapter = self.adapter
+        if self.streamed:
+            from llmc.eval.dispatch import load_dispatched
+
+            adapter = adapter.with_model(load_dispatched(self.cfg.model.path, adapter.auto_model_class(),
+                                                         adapter.dtype, self.device, self.work / "offload"))
+        self.reference = make_reference(adapter, self.eval, calibration=self._calibration(),
+                                        work_dir=self.work, device=None if self.streamed else self.device)
         if "pretrain" in self.positions:
-            self._at("pretrain", self.adapter)
+            self._at("pretrain", adapter, move=not self.streamed)
 
     def after_quant(self) -> None:
+        if self.streamed:
+            for position, key, folder in (("transformed", "save_trans", "trans"), ("fake_quant", "save_fake", "fake")):
+                if position in self.positions:
+                    self._from_folder(position, self._folder(key, folder))
+            return
         if "transformed" in self.positions:
             set_fake_quant(self.adapter.model, False)
             try:
@@ -86,7 +128,7 @@ class JobEvaluation:
             return
         from llmc.export.compressed import load_real_quant
 
-        dtype = next(self.adapter.model.parameters()).dtype
+        dtype = self.adapter.model.dtype
         model = load_real_quant(folder, dtype=dtype, auto_class=self.adapter.auto_model_class())
         self._at("real_quant", self.adapter.with_model(model))
         logger.info(f"real_quant: evaluated {folder.name}/ reloaded from disk")

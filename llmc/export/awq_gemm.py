@@ -26,19 +26,18 @@ from typing import TYPE_CHECKING
 import torch
 from loguru import logger
 
+from llmc.export.base import Export
 from llmc.export.packing import (
     StateDict,
     checkpoint_names,
     float_weight_modules,
     has_act_order,
-    log_kept_float,
     pack_int32,
-    packed_state_dict,
     quantized_layers,
     spellings,
     unpack_int32,
-    write_folder,
 )
+from llmc.plan import Part
 from llmc.quant.fake_linear import FakeQuantLinear
 
 if TYPE_CHECKING:
@@ -106,21 +105,50 @@ def why_not_awq(m: FakeQuantLinear) -> str | None:
     return None
 
 
+class AWQExport(Export):
+    """``save_autoawq``: AutoAWQ GEMM, float weights and scales in ``dtype`` (float16: what AWQ kernels run).
+
+    Tensors keep the model's in-memory names (``model.language_model.layers...``): GPTQModel looks
+    tensors up by them (with the names ``save_pretrained`` writes it loaded nothing and generated NaN,
+    docs/runtimes.md); vLLM and transformers read both spellings. Vision-tower layers are written as
+    their fake-quant float weights unless ``pack_vision`` (GPTQModel builds vision towers float).
+    """
+
+    key, folder = "save_autoawq", "autoawq"
+    checkpoint_names = False
+
+    def __init__(self, adapter: "ModelAdapter", dtype: torch.dtype | None = torch.float16,
+                 layers: list[LayerPlan] | None = None, pack_vision: bool = False) -> None:
+        super().__init__(adapter, dtype)
+        self.pack_vision = pack_vision
+        layers = layers if layers is not None else [m.layer for m in quantized_layers(adapter.model).values()]
+        if not layers:
+            raise ValueError("save_autoawq: the model has no quantized layers; run quantization first")
+        packed = [lp for lp in layers if pack_vision or lp.part is not Part.VISION]
+        self.group_size = check_awq_plan(packed or layers)
+
+    def why_not(self, name: str, m: FakeQuantLinear) -> str | None:
+        if m.layer.part is Part.VISION and not self.pack_vision:
+            return "vision tower: GPTQModel builds AWQ vision towers float (save.pack_vision: true packs it)"
+        return why_not_awq(m)
+
+    def layer(self, name: str, m: FakeQuantLinear) -> StateDict:
+        return awq_layer_tensors(m, self.dtype or m.weight.dtype)
+
+    def decode(self, tensors: StateDict, m: FakeQuantLinear) -> torch.Tensor:
+        return awq_dequantize(tensors["qweight"], tensors["qzeros"], tensors["scales"], self.group_size)
+
+    def quantization_config(self) -> dict:
+        model = self.adapter.model
+        float_names = float_weight_modules(model) + list(self.kept)
+        name_map = checkpoint_names(model, float_names)
+        logger.info(f"autoawq: {len(self.written)} layers packed (w4 g{self.group_size} asym), "
+                    f"{len(float_names)} float modules not converted")
+        return {"quant_method": "awq", "bits": AWQ_BITS, "group_size": self.group_size, "zero_point": True,
+                "sym": False, "version": "gemm", "modules_to_not_convert": spellings(name_map, float_names)}
+
+
 def export_autoawq(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool = False,
-                   dtype: torch.dtype | None = torch.float16) -> Path:
-    """Write an AutoAWQ GEMM folder; ``dtype`` (float16: what AWQ kernels run) for scales and float weights."""
-    model = adapter.model
-    layers = quantized_layers(model)
-    if not layers:
-        raise ValueError("save_autoawq: the model has no quantized layers; run quantization first")
-    group_size = check_awq_plan(m.layer for m in layers.values())
-    kept = {n: why for n, m in layers.items() if (why := why_not_awq(m)) is not None}
-    log_kept_float("autoawq", kept)
-    float_names = float_weight_modules(model) + list(kept)
-    name_map = checkpoint_names(model, float_names)
-    sd = packed_state_dict(model, layers, kept, dtype, awq_layer_tensors)
-    config = {"quant_method": "awq", "bits": AWQ_BITS, "group_size": group_size, "zero_point": True,
-              "sym": False, "version": "gemm", "modules_to_not_convert": spellings(name_map, float_names)}
-    logger.info(f"autoawq: {len(layers) - len(kept)} layers packed (w4 g{group_size} asym), "
-                f"{len(float_names)} float modules not converted")
-    return write_folder(adapter, out_dir, sd, config, dtype=dtype, overwrite=overwrite)
+                   dtype: torch.dtype | None = torch.float16, pack_vision: bool = False) -> Path:
+    """Write an AutoAWQ GEMM folder."""
+    return AWQExport(adapter, dtype, pack_vision=pack_vision).write(out_dir, overwrite)

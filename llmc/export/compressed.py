@@ -27,16 +27,14 @@ import torch
 from loguru import logger
 from torch import nn
 
+from llmc.export.base import Export
 from llmc.export.packing import (
     StateDict,
     checkpoint_names,
-    float_state_dict,
     float_weight_modules,
     has_act_order,
-    log_kept_float,
     quantized_layers,
     spellings,
-    write_folder,
 )
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec, dequantize
@@ -108,46 +106,57 @@ def build_config(groups: dict[SchemeKey, list[str]], name_map: dict[str, str], i
                               quantization_status=QuantizationStatus.COMPRESSED), schemes, ordered
 
 
+class CompressedExport(Export):
+    """``save_vllm`` / ``save_sgl``: compressed-tensors, each layer compressed by the library's compressor.
+
+    ``scale_dtype`` defaults to each layer's weight dtype (as llm-compressor writes). Layers the
+    format cannot hold are written as their fake-quant float weight and listed in ``ignore``.
+    """
+
+    key, folder = "save_vllm", "vllm"
+
+    def __init__(self, adapter: "ModelAdapter", scale_dtype: torch.dtype | None = None) -> None:
+        super().__init__(adapter)
+        self.scale_dtype = scale_dtype
+        self.schemes: dict[SchemeKey, "QuantizationScheme"] = {}
+
+    def why_not(self, name: str, m: FakeQuantLinear) -> str | None:
+        return why_not_expressible(m)
+
+    def layer(self, name: str, m: FakeQuantLinear) -> StateDict:
+        key = (m.spec, m.act_bits)
+        if key not in self.schemes:
+            self.schemes[key] = scheme_of(m.spec, m.act_bits, ["Linear"])
+        return compress_layer(m, self.schemes[key], self.scale_dtype or m.weight.dtype)
+
+    def quantization_config(self):
+        from compressed_tensors.compressors import ModelCompressor
+
+        if not self.written:
+            raise ValueError(f"compressed-tensors cannot express any quantized layer: {sorted(set(self.kept.values()))}")
+        groups: dict[SchemeKey, list[str]] = {}
+        for n, m in self.written.items():
+            groups.setdefault((m.spec, m.act_bits), []).append(n)
+        model = self.adapter.model
+        float_names = float_weight_modules(model) + list(self.kept)
+        name_map = checkpoint_names(model, list(self.written) + float_names)
+        qconfig, schemes, _ = build_config(groups, name_map, spellings(name_map, float_names))
+        counts = Counter(f"{s.format} w{s.weights.num_bits}" for s in schemes.values())
+        logger.info(f"compressed-tensors: {len(self.written)} layers packed ({dict(counts)}), "
+                    f"{len(float_names)} float modules ignored")
+        if any(not spec.symmetric for spec, _ in groups):
+            logger.info("compressed-tensors: asymmetric weights: vLLM serves the folder as it is; transformers "
+                        "loads it with quantization_config=CompressedTensorsConfig(dequantize=True) (its packed "
+                        "zero points are sized wrongly by transformers 5 otherwise; docs/runtimes.md)")
+        return ModelCompressor(quantization_config=qconfig).update_config
+
+
 def export_compressed_tensors(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool = False,
                               scale_dtype: torch.dtype | None = None) -> Path:
-    """Write a compressed-tensors folder that vLLM, SGLang and transformers load.
-
-    ``scale_dtype`` defaults to each layer's weight dtype (as llm-compressor
-    writes). Layers the format cannot hold are written as their fake-quant
-    float weight and listed in ``ignore`` (one warning line each).
-    """
-    from compressed_tensors.compressors import ModelCompressor
-
-    model = adapter.model
-    layers = quantized_layers(model)
-    if not layers:
+    """Write a compressed-tensors folder that vLLM, SGLang and transformers load."""
+    if not quantized_layers(adapter.model):
         raise ValueError("export_compressed_tensors: the model has no quantized layers; run quantization first")
-    kept = {n: why for n, m in layers.items() if (why := why_not_expressible(m)) is not None}
-    log_kept_float("compressed-tensors", kept)
-    groups: dict[SchemeKey, list[str]] = {}
-    for n, m in layers.items():
-        if n not in kept:
-            groups.setdefault((m.spec, m.act_bits), []).append(n)
-    if not groups:
-        raise ValueError(f"compressed-tensors cannot express any quantized layer: {sorted(set(kept.values()))}")
-    float_names = float_weight_modules(model) + list(kept)
-    name_map = checkpoint_names(model, list(layers) + float_names)
-    qconfig, schemes, ordered = build_config(groups, name_map, spellings(name_map, float_names))
-    sd = float_state_dict(model)
-    for n in kept:
-        sd[f"{n}.weight"] = layers[n].quantized_weight().detach()
-    for (_, names), scheme in zip(ordered, schemes.values(), strict=True):
-        for n in names:
-            m = layers[n]
-            for k in ("weight", "bias"):
-                sd.pop(f"{n}.{k}", None)
-            for k, v in compress_layer(m, scheme, scale_dtype or m.weight.dtype).items():
-                sd[f"{n}.{k}"] = v
-    counts = Counter(f"{s.format} w{s.weights.num_bits}" for s in schemes.values())
-    logger.info(f"compressed-tensors: {sum(len(v) for v in groups.values())} layers packed "
-                f"({dict(counts)}), {len(float_names)} float modules ignored")
-    return write_folder(adapter, out_dir, sd, ModelCompressor(quantization_config=qconfig).update_config,
-                        overwrite=overwrite)
+    return CompressedExport(adapter, scale_dtype).write(out_dir, overwrite)
 
 
 def export_vllm(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool = False) -> Path:

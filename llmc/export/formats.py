@@ -22,11 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from llmc.export.awq_gemm import check_awq_plan, export_autoawq
-from llmc.export.compressed import export_compressed_tensors, export_sgl, export_vllm, load_real_quant
+from llmc.export.compressed import (
+    export_compressed_tensors,
+    export_sgl,
+    export_vllm,
+    load_real_quant,
+)
 from llmc.export.gguf import check_gguf_plan, export_gguf
 from llmc.export.gptq_pack import check_gptq_plan, export_gptq
-from llmc.plan import LayerPlan
 from llmc.export.trans_tpu import check_tpu_plan, export_trans
+from llmc.plan import LayerPlan, Part
 
 if TYPE_CHECKING:
     from llmc.models.base import ModelAdapter
@@ -51,13 +56,22 @@ PRECHECKS: dict[str, Callable[[list[LayerPlan]], object]] = {
 }
 
 
-def check_save_plan(keys: Iterable[str], layers: Iterable[LayerPlan]) -> None:
+VISION_FLOAT = ("save_autoawq", "save_gptq")  # keep the vision tower float unless save.pack_vision
+
+
+def packed_layers(key: str, layers: Iterable[LayerPlan], pack_vision: bool = False) -> list[LayerPlan]:
+    """The planned layers format ``key`` packs (AutoAWQ / GPTQ keep the vision tower float by default)."""
+    keep_vision_float = key in VISION_FLOAT and not pack_vision
+    return [lp for lp in layers if not (keep_vision_float and lp.part is Part.VISION)]
+
+
+def check_save_plan(keys: Iterable[str], layers: Iterable[LayerPlan], pack_vision: bool = False) -> None:
     """Raise the format's clear error now if a requested ``save.*`` key cannot hold the planned layers
     (``QuantPlan.quantized()``, before quantizing)."""
     layers = list(layers)
     for key in keys:
         if key in PRECHECKS:
-            PRECHECKS[key](layers)
+            PRECHECKS[key](packed_layers(key, layers, pack_vision))
 
 
 __all__ = ["EXPORTERS", "FOLDERS", "PRECHECKS", "check_save_plan", "export_autoawq", "export_compressed_tensors",

@@ -28,16 +28,15 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from loguru import logger
 
+from llmc.export.base import Export
 from llmc.export.packing import (
     StateDict,
     checkpoint_names,
     float_weight_modules,
     has_act_order,
-    log_kept_float,
     pack_int32,
-    packed_state_dict,
     quantized_layers,
-    write_folder,
+    unpack_int32,
 )
 from llmc.plan import Part
 from llmc.quant.fake_linear import FakeQuantLinear
@@ -79,6 +78,15 @@ def gptq_layer_tensors(m: FakeQuantLinear, dtype: torch.dtype, fmt: CheckpointFo
     return out
 
 
+def gptq_dequantize(t: StateDict, bits: int, fmt: CheckpointFormat) -> torch.Tensor:
+    """``qweight``/``qzeros``/``scales``/``g_idx`` -> float weight ``[out, in]``: ``(q - z[g]) * s[g]``."""
+    q = unpack_int32(t["qweight"].t().contiguous(), bits).float()  # [out, in]
+    z = unpack_int32(t["qzeros"], bits).float().t() + (1 if fmt == "gptq" else 0)  # v1 stores zero - 1
+    g = t["g_idx"].long()
+    s = t["scales"].float().t()
+    return (q - z[:, g]) * s[:, g]
+
+
 def check_gptq_plan(layers: Iterable[LayerPlan]) -> QuantSpec:
     """The one spec GPTQ can describe (bits in 2/4/8, weight-only); a clear error otherwise."""
     layers = [lp for lp in layers if lp.quantized]
@@ -98,7 +106,7 @@ def check_gptq_plan(layers: Iterable[LayerPlan]) -> QuantSpec:
 
 def why_not_gptq(m: FakeQuantLinear, quantize_vision: bool) -> str | None:
     if m.layer.part is Part.VISION and not quantize_vision:
-        return "vision tower: vLLM loads GPTQ vision towers unquantized (pass quantize_vision=True to pack it)"
+        return "vision tower: GPTQModel builds GPTQ vision towers float (save.pack_vision: true packs it; vLLM serves both)"
     k = 32 // m.spec.bits
     if m.out_features % k or m.in_features % k:
         return f"shape [{m.out_features}, {m.in_features}] is not divisible by the pack factor {k}"
@@ -114,27 +122,67 @@ def negative_rules(name_map: dict[str, str]) -> dict[str, dict]:
     return rules
 
 
+class GPTQExport(Export):
+    """``save_gptq``: GPTQ, float weights and scales in ``dtype``; vision layers kept float unless
+    ``quantize_vision``. Tensors keep the in-memory names (GPTQModel looks them up by them).
+
+    ``checkpoint_format`` ``auto``: ``gptq`` (v1) for symmetric weights, what vLLM serves;
+    ``gptq_v2`` for asymmetric ones (GPTQModel refuses asymmetric v1 it did not write; vLLM serves no
+    asymmetric GPTQ at all: for vLLM, save_vllm or save_autoawq hold asymmetric weights).
+    """
+
+    key, folder = "save_gptq", "gptq"
+    checkpoint_names = False
+
+    def __init__(self, adapter: "ModelAdapter", dtype: torch.dtype | None = torch.float16,
+                 checkpoint_format: str = "auto", quantize_vision: bool = False,
+                 layers: list[LayerPlan] | None = None) -> None:
+        super().__init__(adapter, dtype)
+        layers = layers if layers is not None else [m.layer for m in quantized_layers(adapter.model).values()]
+        if not layers:
+            raise ValueError("save_gptq: the model has no quantized layers; run quantization first")
+        self.spec = check_gptq_plan([lp for lp in layers if quantize_vision or lp.part is not Part.VISION] or layers)
+        if checkpoint_format == "auto":
+            checkpoint_format = "gptq" if self.spec.symmetric else "gptq_v2"
+        if checkpoint_format not in ("gptq", "gptq_v2"):
+            raise ValueError(f"save.gptq_format: {checkpoint_format!r}; valid: ['auto', 'gptq', 'gptq_v2']")
+        if checkpoint_format == "gptq" and not self.spec.symmetric:
+            raise ValueError("save_gptq: asymmetric GPTQ in the v1 layout (gptq_format: gptq) is served by no runtime "
+                             "(vLLM serves symmetric GPTQ only; GPTQModel loads asymmetric v1 only if it wrote it); "
+                             "use gptq_format: auto or gptq_v2 (GPTQModel, transformers), or save_vllm / save_autoawq")
+        if not self.spec.symmetric:
+            logger.warning("gptq: asymmetric GPTQ is served by GPTQModel and transformers, not by vLLM; "
+                           "for vLLM write save_vllm (compressed-tensors) or save_autoawq")
+        self.checkpoint_format, self.quantize_vision = checkpoint_format, quantize_vision
+        self.act_order: list[str] = []  # layers written with non-contiguous groups (desc_act)
+
+    def why_not(self, name: str, m: FakeQuantLinear) -> str | None:
+        return why_not_gptq(m, self.quantize_vision)
+
+    def layer(self, name: str, m: FakeQuantLinear) -> StateDict:
+        if has_act_order(m):
+            self.act_order.append(name)
+        return gptq_layer_tensors(m, self.dtype or m.weight.dtype, self.checkpoint_format)
+
+    def decode(self, tensors: StateDict, m: FakeQuantLinear) -> torch.Tensor:
+        return gptq_dequantize(tensors, m.spec.bits, self.checkpoint_format)
+
+    def quantization_config(self) -> dict:
+        model = self.adapter.model
+        float_names = [n for n in float_weight_modules(model) + list(self.kept) if n != self.adapter.model_parts.lm_head]
+        name_map = checkpoint_names(model, float_names)
+        spec = self.spec
+        logger.info(f"gptq: {len(self.written)} layers packed ({spec.describe()}, {self.checkpoint_format}), "
+                    f"{len(float_names)} float modules excluded by `dynamic` rules")
+        return {"quant_method": "gptq", "bits": spec.bits,
+                "group_size": spec.group_size if spec.granularity == "per_group" else -1,
+                "desc_act": bool(self.act_order), "sym": spec.symmetric,
+                "checkpoint_format": self.checkpoint_format, "lm_head": False, "true_sequential": True,
+                "dynamic": negative_rules(name_map), "meta": {"quantizer": ["llmc"]}}
+
+
 def export_gptq(adapter: "ModelAdapter", out_dir: str | Path, overwrite: bool = False,
-                dtype: torch.dtype | None = torch.float16, checkpoint_format: CheckpointFormat = "gptq",
+                dtype: torch.dtype | None = torch.float16, checkpoint_format: str = "auto",
                 quantize_vision: bool = False) -> Path:
-    """Write a GPTQ folder. Vision-tower layers are kept float unless ``quantize_vision``."""
-    model = adapter.model
-    layers = quantized_layers(model)
-    if not layers:
-        raise ValueError("save_gptq: the model has no quantized layers; run quantization first")
-    spec = check_gptq_plan(m.layer for m in layers.values())
-    kept = {n: why for n, m in layers.items() if (why := why_not_gptq(m, quantize_vision)) is not None}
-    log_kept_float("gptq", kept)
-    float_names = [n for n in float_weight_modules(model) + list(kept) if n != adapter.model_parts.lm_head]
-    name_map = checkpoint_names(model, float_names)
-    sd = packed_state_dict(model, layers, kept, dtype,
-                           lambda m, dt: gptq_layer_tensors(m, dt, checkpoint_format))
-    packed = [m for n, m in layers.items() if n not in kept]
-    config = {"quant_method": "gptq", "bits": spec.bits,
-              "group_size": spec.group_size if spec.granularity == "per_group" else -1,
-              "desc_act": any(has_act_order(m) for m in packed), "sym": spec.symmetric,
-              "checkpoint_format": checkpoint_format, "lm_head": False, "true_sequential": True,
-              "dynamic": negative_rules(name_map), "meta": {"quantizer": ["llmc"]}}
-    logger.info(f"gptq: {len(packed)} layers packed ({spec.describe()}, {checkpoint_format}), "
-                f"{len(float_names)} float modules excluded by `dynamic` rules")
-    return write_folder(adapter, out_dir, sd, config, dtype=dtype, overwrite=overwrite)
+    """Write a GPTQ folder."""
+    return GPTQExport(adapter, dtype, checkpoint_format, quantize_vision).write(out_dir, overwrite)

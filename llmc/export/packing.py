@@ -4,26 +4,19 @@
   (transformers 5 renames on save: ``model.language_model.layers`` is written
   as ``model.layers``, ``model.visual`` as ``visual``; loaders see the
   in-memory names, vLLM maps the checkpoint names);
-* bit packing of unsigned integers into ``int32`` words (AutoAWQ, GPTQ);
-* the folder writer: ``save_pretrained`` with a replaced state dict, then the
-  ``quantization_config`` written into ``config.json``, all inside one
-  :func:`llmc.export.atomic.atomic_dir`.
+* bit packing of unsigned integers into ``int32`` words (AutoAWQ, GPTQ).
+
+Folders are written by :mod:`llmc.export.base` / :mod:`llmc.export.writer`.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from loguru import logger
 from torch import nn
 
-from llmc.export.atomic import atomic_dir
 from llmc.quant.fake_linear import FakeQuantLinear
-
-if TYPE_CHECKING:
-    from llmc.models.base import ModelAdapter
 
 StateDict = dict[str, torch.Tensor]
 
@@ -106,77 +99,3 @@ def unpack_int32(packed: torch.Tensor, bits: int, order: Sequence[int] | None = 
     vals = torch.empty_like(slots)
     vals[..., order] = slots
     return vals.reshape(*packed.shape[:-1], -1).to(torch.int32)
-
-
-# ------------------------------------------------------------------------------------------- writer
-def float_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> StateDict:
-    """The model's state dict (float weights of every layer), floats cast to ``dtype`` if given."""
-    sd = dict(model.state_dict())
-    if dtype is None:
-        return sd
-    cast: dict[tuple, torch.Tensor] = {}  # tied tensors (lm_head / embeddings) stay one tensor
-    for k, v in sd.items():
-        if v.is_floating_point():
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-            sd[k] = cast.setdefault(key, v.to(dtype))
-    return sd
-
-
-def packed_state_dict(model: nn.Module, layers: dict[str, FakeQuantLinear], kept: dict[str, str],
-                      dtype: torch.dtype | None,
-                      layer_tensors: Callable[[FakeQuantLinear, torch.dtype], StateDict]) -> StateDict:
-    """The float state dict with each packed layer's weight/bias replaced by ``layer_tensors``.
-
-    Layers in ``kept`` (a format cannot express them) keep their fake-quantized float weight.
-    """
-    sd = float_state_dict(model, dtype)
-    for n, m in layers.items():
-        if n in kept:
-            sd[f"{n}.weight"] = m.quantized_weight().detach().to(dtype or m.weight.dtype)
-            continue
-        sd.pop(f"{n}.weight")
-        sd.pop(f"{n}.bias", None)
-        sd.update({f"{n}.{k}": v for k, v in layer_tensors(m, dtype or m.weight.dtype).items()})
-    return sd
-
-
-def _set_dtype(cfg: dict[str, Any], dtype: torch.dtype) -> None:
-    name = str(dtype).removeprefix("torch.")
-    for c in [cfg, *[v for v in cfg.values() if isinstance(v, dict) and "model_type" in v]]:
-        if "dtype" in c or "torch_dtype" in c or c is cfg:
-            c["dtype"] = name
-            c.pop("torch_dtype", None)
-
-
-def write_folder(adapter: "ModelAdapter", out_dir: str | Path, state_dict: StateDict,
-                 quantization_config: dict[str, Any] | Callable[[Path], None] | None,
-                 dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """Write a loadable folder atomically: weights, config (+ ``quantization_config``), processor.
-
-    ``quantization_config`` is a dict written under that key of ``config.json``
-    or a callable given the temporary folder (the compressed-tensors library
-    writes its own config). ``dtype`` is recorded as the folder's dtype.
-    """
-    with atomic_dir(out_dir, overwrite) as tmp:
-        adapter.model.save_pretrained(tmp, state_dict=state_dict)
-        cfg_path = tmp / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        if dtype is not None:
-            _set_dtype(cfg, dtype)
-        if isinstance(quantization_config, dict):
-            cfg["quantization_config"] = quantization_config
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if callable(quantization_config):
-            quantization_config(tmp)
-        adapter.processor.save_pretrained(tmp)
-    return Path(out_dir)
-
-
-def log_kept_float(fmt: str, kept: dict[str, str]) -> None:
-    """One line per reason: the quantized layers the format cannot express, written as fake-quant floats."""
-    by_reason: dict[str, list[str]] = {}
-    for name, why in kept.items():
-        by_reason.setdefault(why, []).append(name)
-    for why, names in by_reason.items():
-        shown = ", ".join(names[:4]) + (f", ... ({len(names)} layers)" if len(names) > 4 else "")
-        logger.warning(f"{fmt}: kept float (fake-quant weights): {shown}: {why}")

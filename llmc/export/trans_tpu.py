@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from llmc.export.atomic import atomic_dir
-from llmc.export.packing import checkpoint_names, float_state_dict, quantized_layers
+from llmc.export.hf import FloatExport
+from llmc.export.packing import checkpoint_names, quantized_layers
+from llmc.export.writer import FolderWriter
 from llmc.plan import LayerPlan, Part, QuantPlan
 
 if TYPE_CHECKING:
@@ -74,16 +75,28 @@ def quant_layers_sidecar(adapter: "ModelAdapter", llm_convert_args: str | None) 
                         checkpoint_names=names, act_order=[n for n, m in layers.items() if m.g_idx is not None])
 
 
+class TransExport(FloatExport):
+    """``save_trans``: the transformed float weights, and ``llmc_quant_layers.json`` (checked for TPU-MLIR
+    when ``tpu_check``)."""
+
+    def __init__(self, adapter: "ModelAdapter", tpu_check: bool = False,
+                 layers: list[LayerPlan] | None = None) -> None:
+        super().__init__(adapter)
+        if tpu_check:
+            self.args = check_tpu_plan(layers) if layers is not None else check_tpu_constraints(adapter)
+        else:
+            self.args = None
+
+    def finish(self, writer: FolderWriter) -> Path:
+        folder = super().finish(writer)
+        (folder / SIDECAR).write_text(json.dumps(quant_layers_sidecar(self.adapter, self.args), indent=1) + "\n")
+        if self.args:
+            logger.info(f"tpu: transformed float model written; compile with llm_convert.py -m <save_path>/trans "
+                        f"-s <seq_length> {self.args} (see docs/export_tpu.md)")
+        return folder
+
+
 def export_trans(adapter: "ModelAdapter", out_dir: str | Path, tpu_check: bool = False,
                  overwrite: bool = False) -> Path:
     """The transformed float folder (``save_trans``) + sidecar; ``tpu_check`` validates first."""
-    args = check_tpu_constraints(adapter) if tpu_check else None
-    sidecar = quant_layers_sidecar(adapter, args)
-    with atomic_dir(out_dir, overwrite) as tmp:
-        adapter.model.save_pretrained(tmp, state_dict=float_state_dict(adapter.model))
-        adapter.processor.save_pretrained(tmp)
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
-    if args:
-        logger.info(f"tpu: transformed float model at {out_dir}; compile with "
-                    f"llm_convert.py -m {out_dir} -s <seq_length> {args} (see docs/export_tpu.md)")
-    return Path(out_dir)
+    return TransExport(adapter, tpu_check).write(out_dir, overwrite)

@@ -13,9 +13,9 @@ __all__ = ["BlockLayout", "LayerGroup", "ModelAdapter", "ModelParts", "Producer"
 
 
 def load_adapter(model_type: str, path: str, dtype: str = "auto", attn_implementation: str = "sdpa",
-                 trust_remote_code: bool = False) -> ModelAdapter:
-    """Instantiate the adapter of ``model_type`` on the checkpoint at ``path``."""
+                 trust_remote_code: bool = False, stream: bool = False) -> ModelAdapter:
+    """Instantiate the adapter of ``model_type`` on the checkpoint at ``path`` (``stream``: see ``ModelAdapter``)."""
     from llmc.builtin import local_path
 
     return adapter_class(model_type)(local_path(path), dtype=dtype, attn_implementation=attn_implementation,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, stream=stream)

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize, quantize, quantize_per_token
+from llmc.quant.primitives import (
+    QuantSpec,
+    compute_qparams,
+    fake_quantize,
+    quantize,
+    quantize_per_token,
+)
 
 if TYPE_CHECKING:
     from llmc.plan import LayerPlan

@@ -1,0 +1,53 @@
+"""Runner: transformers ``from_pretrained`` (the reference, compressed-tensors, and GPTQ/AWQ through
+transformers' own quantizers, which call gptqmodel + optimum).
+
+Job keys: ``folder``, ``dtype``, ``prompts``, ``max_new_tokens``, ``images``; ``loader``:
+``plain`` (``from_pretrained(folder, dtype=...)``, the folder's own ``quantization_config``) or
+``ct_dequantize`` (``CompressedTensorsConfig(dequantize=True)``: the compressed weights are
+decompressed into float Linear layers at load).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_processor, nan_report, run_main, score_all, torch_dtype
+
+
+def auto_class(folder: str):
+    import transformers
+
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    vlm = "vision_config" in cfg
+    return transformers.AutoModelForImageTextToText if vlm else transformers.AutoModelForCausalLM
+
+
+def load(job: dict[str, Any]):
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(job["dtype"])}
+    if job.get("loader") == "ct_dequantize":
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    if job.get("device_map"):
+        kwargs["device_map"] = job["device_map"]
+    return auto_class(job["folder"]).from_pretrained(job["folder"], **kwargs).eval()
+
+
+def runner(job: dict[str, Any], res: dict[str, Any]) -> None:
+    t0 = time.time()
+    model = load(job)
+    res["load_s"] = round(time.time() - t0, 1)
+    kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
+    res["notes"].append(f"linear classes: {', '.join(kinds)}")
+    bad = nan_report(model)
+    if bad:
+        res["notes"].append(f"non-finite tensors after load: {len(bad)}, e.g. {bad[:3]}")
+    score_all(model, load_processor(job["folder"], job.get("images", False)), job, res)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(runner))
