@@ -221,6 +221,11 @@ class SaveConfig:
 class RunConfig:
     device: str = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+    dist_timeout_s: float = 600.0  # torchrun jobs: a collective waiting longer fails the job (docs/distributed.md)
+
+    def __post_init__(self) -> None:
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"run.dist_timeout_s: {self.dist_timeout_s} must be > 0")
 
 
 @dataclass

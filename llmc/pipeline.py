@@ -15,6 +15,7 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
+from llmc import distributed as dist
 from llmc.context import BlockContext, CachedCall, hidden_input, to_device
 from llmc.plan import Part, QuantPlan
 
@@ -180,8 +181,9 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
     """
     blocks = adapter.blocks(part)
     prefix = adapter.blocks_path(part)
-    for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} {part} blocks"):
+    for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} {part} blocks", disable=not dist.is_main()):
         t0 = time.time()
+        dist.fault_point(f"{part} block {i}")  # test hook (LLMC_TEST_FAIL)
         block = blocks[i]
         block.to(device)
         src = adapter.kwargs_source(part, i)

@@ -17,6 +17,7 @@ import torch
 import yaml
 from loguru import logger
 
+from llmc import distributed as dist
 from llmc.algorithms import Algorithm, build_algorithms
 from llmc.algorithms.base import describe_pipeline
 from llmc.builtin import is_builtin, local_path
@@ -27,7 +28,7 @@ from llmc.eval.job import JobEvaluation
 from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan, export_trans
 from llmc.export.hf import save_hf_folder
 from llmc.guard import check_save_path
-from llmc.jobdir import JobFailed, JobFolder
+from llmc.jobdir import JobFailed, JobFolder, WorkerJob
 from llmc.models import ModelAdapter, load_adapter
 from llmc.models.checkpoint import check_checkpoint
 from llmc.pipeline import capture, process_blocks, resolve_device
@@ -56,16 +57,20 @@ def calibration_batches(cfg: LLMCConfig, adapter: ModelAdapter) -> list[dict[str
     logger.info(f"calibration: {len(samples)} samples{every} from {c.path} in {len(groups)} batches of up to "
                 f"{c.bs} (seq_len {c.seq_len})")
     return [adapter.batch_process(g, with_answer=True, chat_template=c.apply_chat_template,
-                                  max_length=c.seq_len) for g in groups]
+                                  max_length=c.seq_len) for g in dist.shard(groups)]  # this rank's share
 
 
 def _check_applied(plan: QuantPlan, adapter: ModelAdapter) -> None:
-    """After quantization the model's fake-quant linears are exactly the plan's quantized layers."""
-    done = {n for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
+    """After quantization the model's fake-quant linears are exactly the plan's quantized layers
+    (and, under torch.distributed, bit for bit the same on every rank)."""
+    done = {n: m for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
     wanted = {lp.name for lp in plan.quantized()}
-    if done != wanted:
-        raise RuntimeError(f"the quantizer did not follow the plan: missing {sorted(wanted - done)[:5]}, "
-                           f"unplanned {sorted(done - wanted)[:5]}")
+    if set(done) != wanted:
+        raise RuntimeError(f"the quantizer did not follow the plan: missing {sorted(wanted - set(done))[:5]}, "
+                           f"unplanned {sorted(set(done) - wanted)[:5]}")
+    if dist.active():
+        dist.check_same(sum(dist.checksum(t) for m in done.values() for t in (m.weight, m.scale, m.zero, m.g_idx)
+                            if t is not None), "the quantized weights")
 
 
 def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, state_dir: Path | None = None,
@@ -75,7 +80,8 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
 
     ``plan`` and ``algos`` are built from ``cfg`` when not given (the job builds each once).
     With ``state_dir``, each algorithm writes its record there (AWQ's scales, GPTQ's integers).
-    ``batches`` (model inputs) replace ``calib`` when given.
+    ``batches`` (model inputs) replace ``calib`` when given. Under torch.distributed each rank
+    calibrates on its share of the batches (:func:`llmc.distributed.shard`).
     """
     algos = algos if algos is not None else build_algorithms(cfg.quant)
     plan = plan if plan is not None else build_plan(cfg.quant, adapter)
@@ -87,6 +93,8 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
         batches = []
     elif batches is None:
         batches = calibration_batches(cfg, adapter)
+    else:
+        batches = dist.shard(batches)
     for part in plan.parts:
         t0 = time.time()
         calls = capture(adapter, part.value, batches, device, cfg.quant.token_weight) if batches else []
@@ -131,19 +139,24 @@ def _evaluate_and_report(cfg: LLMCConfig, job: JobFolder, evaluation: JobEvaluat
     for key in ("save_vllm", "save_sgl"):
         if getattr(cfg.save, key):
             with job.step(f"evaluate real_quant ({FOLDERS[key]}/)"):
-                evaluation.real_quant(job.path / FOLDERS[key])
+                # every rank evaluates its share of rank 0's export (same machine or shared disk)
+                evaluation.real_quant(Path(dist.broadcast_object(str(job.path / FOLDERS[key]) if dist.is_main()
+                                                                 else None)))
             break
     with job.step("report"):
         evaluation.finish()
 
 
 def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
-    out = job.path
-    (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    out = job.path  # None on ranks other than 0: they compute, rank 0 writes
+    if dist.is_main():
+        (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for note in cfg.notes:
         logger.info(note)
     seed_everything(cfg.base.seed)
-    device = resolve_device(cfg.run.device)
+    device = dist.init(resolve_device(cfg.run.device), cfg.run.dist_timeout_s)
+    if dist.active():
+        logger.info(dist.describe())
     with job.step("load model"):
         logger.info(f"llmc: model {cfg.model.type} from {cfg.model.path} on {device}")
         adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
@@ -163,9 +176,11 @@ def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
     with job.step("quantize"):
         quantize_model(cfg, adapter, device, state_dir=out, plan=plan, algos=algos)
         logger.info(f"quantized {len(plan.quantized())} linear layers")
-        (out / "quant_layers.json").write_text(json.dumps(plan.to_json(), indent=1))
-        job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable records
-    save_outputs(cfg, adapter, job)
+        if dist.is_main():
+            (out / "quant_layers.json").write_text(json.dumps(plan.to_json(), indent=1))
+            job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable records
+    if dist.is_main():
+        save_outputs(cfg, adapter, job)
     _evaluate_and_report(cfg, job, evaluation)
 
 
@@ -192,16 +207,20 @@ def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, job: JobFolder) -> None
 def run_job(cfg: LLMCConfig, overwrite: bool = False) -> Path:
     """Run the whole job. ``save_path`` appears when it succeeded, or when a step failed after some
     outputs were finished (then :class:`JobFailed` is raised, naming the step and what was kept)."""
+    dist.init(resolve_device(cfg.run.device), cfg.run.dist_timeout_s)  # no-op without torchrun
     save, algos = precheck(cfg, overwrite)
     cfg = materialize(cfg)
-    job = JobFolder(save, cfg.run.log_level)
+    job = JobFolder(save, cfg.run.log_level) if dist.is_main() else WorkerJob()
     try:
         _run(cfg, job, algos)
-    except BaseException as exc:
+        dist.barrier()  # every rank finished: only then does rank 0 publish
+    except BaseException as caught:
+        exc = dist.on_failure(caught)  # under torchrun: another rank's failure is named as such
         err = job.fail(exc)
-        if err is exc:
+        if err is caught:
             raise
-        raise err from exc
+        raise err from (caught if err is exc else exc)
     job.succeed()
+    dist.shutdown()
     logger.info(f"done: {save}")
     return save

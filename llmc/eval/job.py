@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from llmc import distributed as dist
 from llmc.builtin import local_path
 from llmc.calib import load_samples
 from llmc.config import LLMCConfig
@@ -44,7 +45,7 @@ class JobEvaluation:
         self.cfg, self.adapter, self.device, self.plan = cfg, adapter, device, plan
         self.eval = cfg.eval
         self.positions = list(self.eval.eval_pos) if self.eval is not None else []
-        self.work = out / "eval"
+        self.work = out / "eval" if out is not None else None  # None: a rank other than 0 (temp dirs)
         self.results: dict[str, Any] = {}
         self.reference = None
 
@@ -66,8 +67,9 @@ class JobEvaluation:
             return
         from llmc.eval.run import make_reference
 
-        self.reference = make_reference(self.adapter, self.eval, calibration=self._calibration(),
-                                        work_dir=self.work, device=self.device)
+        if dist.is_main():  # fidelity is computed on rank 0 only
+            self.reference = make_reference(self.adapter, self.eval, calibration=self._calibration(),
+                                            work_dir=self.work, device=self.device)
         if "pretrain" in self.positions:
             self._at("pretrain", self.adapter)
 
@@ -92,7 +94,7 @@ class JobEvaluation:
         logger.info(f"real_quant: evaluated {folder.name}/ reloaded from disk")
 
     def finish(self) -> str | None:
-        if not self.results:
+        if not self.results or not dist.is_main():
             return None
         from llmc.eval.report import write_report
 
