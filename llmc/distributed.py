@@ -271,11 +271,11 @@ def checksum(t: torch.Tensor) -> int:
     return int(x.view(ints).sum(dtype=torch.int64).item())
 
 
-def check_same(value: float, what: str) -> None:
-    """Raise unless ``value`` (a checksum) is bitwise equal on every rank."""
+def check_same(value: int | float | str, what: str) -> None:
+    """Raise unless ``value`` (e.g. a :func:`checksum`) is equal on every rank."""
     if not _S.active:
         return
-    seen = gather_objects(float(value))
+    seen = gather_objects(value)
     if len(set(seen)) > 1:
         raise RuntimeError(f"ranks disagree on {what}: {seen}")
 
