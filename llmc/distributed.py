@@ -26,8 +26,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -57,6 +56,7 @@ class _State:
     store: Any = None
     timeout_s: float = 600.0
     failed: bool = False  # on_failure ran (it decides once)
+    waits: int = 0  # wait_for_main calls so far (the same sequence on every rank)
 
 
 _S = _State()
@@ -201,14 +201,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-@contextmanager
-def main_first() -> Iterator[None]:
-    """Rank 0 runs the body first (e.g. makes a cache), the others after it."""
-    if not is_main():
-        barrier()
-    yield
+def wait_for_main(what: str) -> None:
+    """Rank 0 says it finished ``what`` (e.g. writing the outputs), the others wait for that
+    through the store: without the collective timeout, however long rank 0 takes. A failure
+    published meanwhile ends the wait with :class:`RankFailed`."""
+    if not _S.active:
+        return
+    _S.waits += 1
+    key = f"llmc/main_done/{_S.waits}"
     if is_main():
-        barrier()
+        _S.store.set(key, what)
+        return
+    while True:
+        try:
+            _S.store.wait([key], timedelta(seconds=5))
+            return
+        except Exception:  # noqa: BLE001 - the store's timeout: check for a failure, wait on
+            peer = _peer_error()
+            if peer is not None:
+                raise RankFailed(f"{peer} (this is rank {_S.rank}, waiting for rank 0: {what})") from None
 
 
 # --------------------------------------------------------------------------------- work sharing

@@ -181,6 +181,7 @@ def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
             job.kept += [p.name for p in out.iterdir() if p.suffix == ".pt"]  # replayable records
     if dist.is_main():
         save_outputs(cfg, adapter, job)
+    dist.wait_for_main("save outputs")  # exports may outlast the collective timeout
     _evaluate_and_report(cfg, job, evaluation)
 
 

@@ -148,7 +148,7 @@ def test_failing_rank_stops_every_rank(tmp_path, tiny_model, calib_dir):
     cause = "rank 1: RuntimeError: injected failure on rank 1 at language block 1"
     rank0 = [ln for ln in run.stderr.splitlines() if ln.startswith("llmc: failed:")]
     assert rank0 and cause in rank0[0], run.stderr[-3000:]  # rank 0 names the failing rank and its error
-    assert f"[rank 1] llmc: failed: RuntimeError: injected failure" in run.stderr
+    assert "[rank 1] llmc: failed: RuntimeError: injected failure" in run.stderr
     assert run.stderr.count("exitcode  : 1 ") == 2, run.stderr[-2000:]  # both ranks exit 1
     assert cause in (tmp_path / "out.failed.log").read_text()
     assert not (tmp_path / "out").exists()  # nothing finished: nothing published

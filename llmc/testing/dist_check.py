@@ -38,8 +38,10 @@ def config(model_dir: str | Path, calib_dir: str | Path, variant: str, save: str
             "save": {"save_path": str(save)}}
 
 
-def quantize_one(model_dir: str | Path, calib_dir: str | Path, variant: str) -> dict[str, Any]:
-    """Codes, scales, zeros of every quantized linear and logits on the first 4 calibration samples."""
+def quantize_one(model_dir: str | Path, calib_dir: str | Path, variant: str,
+                 device: torch.device | None = None) -> dict[str, Any]:
+    """Codes, scales, zeros of every quantized linear and logits on the first 4 calibration samples
+    (the blocks are quantized on ``device``, CPU by default; the model ends on CPU)."""
     from llmc.calib import batches, load_samples
     from llmc.config import parse_config
     from llmc.models import load_adapter
@@ -49,7 +51,7 @@ def quantize_one(model_dir: str | Path, calib_dir: str | Path, variant: str) -> 
     cfg = parse_config(config(model_dir, calib_dir, variant, Path(model_dir).parent / "unused"))
     seed_everything(cfg.base.seed)
     adapter = load_adapter("qwen2_vl", cfg.model.path, dtype="float32")
-    quantize_model(cfg, adapter, torch.device("cpu"))
+    quantize_model(cfg, adapter, device or torch.device("cpu"))
     layers = {n: {"codes": m.int_weight().to(torch.int16), "scale": m.scale.clone(), "zero": m.zero.clone(),
                   "g_idx": m.g_idx} for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
     logits = []
@@ -59,21 +61,26 @@ def quantize_one(model_dir: str | Path, calib_dir: str | Path, variant: str) -> 
     return {"layers": layers, "logits": logits}
 
 
-def run(model_dir: str | Path, calib_dir: str | Path, variants: list[str], out: str | Path) -> None:
+def run(model_dir: str | Path, calib_dir: str | Path, variants: list[str], out: str | Path,
+        device: torch.device | None = None) -> None:
     """Every variant in turn; rank 0 (or the single process) saves ``out/<variant>.pt``."""
     out = Path(out)
     for variant in variants:
-        res = quantize_one(model_dir, calib_dir, variant)
+        res = quantize_one(model_dir, calib_dir, variant, device)
         if dist.is_main():
             out.mkdir(parents=True, exist_ok=True)
             torch.save(res, out / f"{variant}.pt")
 
 
 def main(argv: list[str]) -> int:
+    """``MODEL CALIB OUT [--device=DEV] VARIANT...``; DEV ``cpu`` (gloo) by default, a GPU type: nccl."""
     torch.set_num_threads(1)
-    dist.init(torch.device("cpu"), timeout_s=60)
-    model_dir, calib_dir, out, *variants = argv
-    run(model_dir, calib_dir, variants, out)
+    opts = [a for a in argv if a.startswith("--device=")]
+    model_dir, calib_dir, out, *variants = [a for a in argv if a not in opts]
+    device = dist.init(torch.device(opts[-1].split("=", 1)[1] if opts else "cpu"), timeout_s=120)
+    if dist.active() and dist.is_main():
+        print(dist.describe(), file=sys.stderr, flush=True)
+    run(model_dir, calib_dir, variants, out, device)
     dist.barrier()
     dist.shutdown()
     return 0
