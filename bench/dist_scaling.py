@@ -141,14 +141,15 @@ def main() -> int:
         f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     print(f"\nQwen2-VL architecture, text hidden {args.hidden}, {args.layers} layers, bf16, W4A16 g128, "
           f"{args.samples} x {args.seq_len} tokens, bs {args.bs}, on {dev}\n")
-    print("| method | processes x threads | quantize wall (s) | speedup | CPU (s, all processes) | job wall (s) "
-          "| peak RSS / process (GiB) | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| method | processes x threads | quantize wall (s) | speedup | CPU (s), per process | CPU (s), all "
+          "| job wall (s) | peak RSS / process (GiB) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = {}
     for r in rows:
         key = r["method"]
         base.setdefault(key, r["wall_s"])
-        print(f"| {key} | {r['procs']} x {r['threads']} | {r['wall_s']} | {base[key] / r['wall_s']:.2f} | "
+        per = ", ".join(map(str, r["cpu_s_per_proc"]))
+        print(f"| {key} | {r['procs']} x {r['threads']} | {r['wall_s']} | {base[key] / r['wall_s']:.2f} | {per} | "
               f"{r['cpu_s']} | {r['process_wall_s']} | {r['peak_rss_gib_per_proc']} | {r['load']} |")
     return 0
 
