@@ -25,6 +25,7 @@ import atexit
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -293,10 +294,13 @@ def check_same(value: int | float | str, what: str) -> None:
 
 # ------------------------------------------------------------------------------------- failures
 def fault_point(name: str) -> None:
-    """Test hook: raise here when ``LLMC_TEST_FAIL`` is ``"<this rank>:<name>"``."""
+    """Test hook: raise here when ``LLMC_TEST_FAIL`` is ``"<this rank>:<name>"``; hang (a rank stuck
+    without failing) when it is ``"<this rank>:<name>:hang"``."""
     want = os.environ.get(FAULT_ENV)
-    if want and want == f"{_S.rank}:{name}":
+    if want == f"{_S.rank}:{name}":
         raise RuntimeError(f"injected failure on rank {_S.rank} at {name} ({FAULT_ENV})")
+    while want == f"{_S.rank}:{name}:hang":
+        time.sleep(1)
 
 
 def _peer_error() -> str | None:
@@ -309,11 +313,15 @@ def _peer_error() -> str | None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """torchrun stops the other ranks as soon as one exits. A rank that knows of a failure finishes
-    its report and exits by itself (the launcher kills it 30 s later at the latest); any other
-    stop interrupts the job like Ctrl-C."""
-    if _S.failed or _peer_error() is not None:
+    """torchrun stops the other ranks as soon as one exits. A rank reporting its failure finishes
+    its report and exits by itself; a rank that was still working (or stuck) stops with the failed
+    rank's error; any other stop interrupts the job like Ctrl-C. (A rank blocked in a collective
+    runs this only once the collective returns; the launcher kills it 30 s later at the latest.)"""
+    if _S.failed:
         return
+    peer = _peer_error()
+    if peer is not None:
+        raise RankFailed(f"{peer} (this is rank {_S.rank}, stopped by the launcher)")
     raise KeyboardInterrupt("stopped by the launcher (SIGTERM)")
 
 
@@ -337,6 +345,9 @@ def on_failure(exc: BaseException) -> BaseException:
         err.__cause__ = exc
         return err
     msg = f"rank {_S.rank}: {type(exc).__name__}: {exc}"
+    if "timed out" in str(exc).lower():
+        logger.error(f"a collective waited longer than run.dist_timeout_s ({_S.timeout_s:g}s): another rank is "
+                     f"stuck or much slower (raise run.dist_timeout_s if it is only slow)")
     try:
         if _S.store.compare_set(FAILED_KEY, "", msg).decode() == msg:
             _S.store.set(TRACE_KEY, "".join(traceback.format_exception(exc))[-8000:])

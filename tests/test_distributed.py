@@ -154,6 +154,20 @@ def test_failing_rank_stops_every_rank(tmp_path, tiny_model, calib_dir):
     assert not (tmp_path / "out").exists()  # nothing finished: nothing published
 
 
+def test_stuck_rank_ends_at_the_collective_timeout(tmp_path, tiny_model, calib_dir):
+    cfg = job(tiny_model("qwen2_vl"), calib_dir, str(tmp_path / "out"))
+    cfg["run"]["dist_timeout_s"] = 5
+    (tmp_path / "job.yml").write_text(yaml.safe_dump(cfg))
+    t0 = time.time()
+    run = torchrun(["-m", "llmc", str(tmp_path / "job.yml")], timeout=120, LLMC_TEST_FAIL="1:language block 1:hang")
+    took = time.time() - t0
+    assert run.returncode != 0 and took < 60, (took, run.stderr[-3000:])
+    rank0 = [ln for ln in run.stderr.splitlines() if ln.startswith("llmc: failed:")]
+    assert rank0 and "Timed out" in rank0[0], run.stderr[-3000:]  # rank 0: its collective timed out
+    assert "[rank 1] llmc: failed: RankFailed: rank 0: " in run.stderr  # rank 1, stuck, is stopped with it
+    assert run.stderr.count("exitcode  : 1 ") == 2, run.stderr[-2000:]
+
+
 def test_helpers_are_noops_without_torchrun():
     assert not dist.active() and dist.world() == 1 and dist.is_main()
     t = torch.arange(3.0)
