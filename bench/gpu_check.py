@@ -56,10 +56,9 @@ SHAPE_TINY = {
 def build_adapter(shape: dict, device: str):
     """A Qwen2.5-VL adapter around a random-init bf16 model of ``shape`` (initialised on ``device``, left on CPU)."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from llmc.models.qwen_vl import Qwen25VLAdapter
-    from llmc.testing import tiny_models as tm
     from llmc.testing import tiny_tokenizers as tt
 
     torch.manual_seed(0)
@@ -68,8 +67,9 @@ def build_adapter(shape: dict, device: str):
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
     model = model.to("cpu").eval()
-    processor = tm._qwen_vl_processor(Qwen2_5_VLProcessor, tt.qwen_tokenizer(vision=True))  # not used for ids
-    return Qwen25VLAdapter(tempfile.gettempdir(), dtype="bfloat16", model=model, processor=processor)
+    # calibration is token ids: the processor is never called (a tokenizer: no torchvision needed)
+    tok = tt.qwen_tokenizer(vision=True)
+    return Qwen25VLAdapter(tempfile.gettempdir(), dtype="bfloat16", model=model, processor=tok)
 
 
 def run_one(args: argparse.Namespace) -> dict:

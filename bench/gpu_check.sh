@@ -10,8 +10,8 @@
 # docs/distributed.md "GPU check"):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #     -d bench/.whl loguru==0.7.3 gguf==0.19.0 pillow==13.0.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 \
-#     pygments==2.21.0
-# and installed with `pip install --no-index --no-deps --target $SITE bench/.whl/*.whl` + PYTHONPATH.
+#     pygments==2.21.0 torchvision==0.26.0        # torchvision: the one made for torch 2.11 (tiny VLM processors)
+# and installed with `pip install --no-index --no-deps --target $SITE <wheels of the missing modules>` + PYTHONPATH.
 #
 # Usage: bash bench/gpu_check.sh [--tiny]      env: PYTHON, SITE (/tmp/llmc-site), GPTQ_BLOCKS, AWQ_BLOCKS,
 #        T_TESTS / T_GPTQ / T_AWQ (seconds per phase)
@@ -22,18 +22,23 @@ PY=${PYTHON:-python3}
 SITE=${SITE:-/tmp/llmc-site}
 T0=$(date +%s)
 
-missing=$("$PY" - <<'EOF'
+# module -> wheel (name prefix in bench/.whl); only what is missing is installed (never shadow what is there)
+wheels=$("$PY" - <<'EOF'
 import importlib.util
-print(" ".join(m for m in ("loguru", "gguf", "PIL", "pytest") if importlib.util.find_spec(m) is None))
+need = {"loguru": "loguru", "gguf": "gguf", "PIL": "pillow", "pytest": "pytest", "pluggy": "pluggy",
+        "iniconfig": "iniconfig", "pygments": "pygments", "torchvision": "torchvision"}
+print(" ".join(w for m, w in need.items() if importlib.util.find_spec(m) is None))
 EOF
 )
-if [ -n "$missing" ]; then
-  if ! ls bench/.whl/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: missing $missing and no wheels in bench/.whl (see the header of this script)" >&2
-    exit 2
-  fi
-  echo "gpu_check: installing $missing (and their wheel set) from bench/.whl into $SITE"
-  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" bench/.whl/*.whl || exit 2
+if [ -n "$wheels" ]; then
+  files=()
+  for w in $wheels; do
+    f=$(ls bench/.whl/"$w"-*.whl 2>/dev/null | head -1)
+    [ -n "$f" ] || { echo "gpu_check: $w is missing and bench/.whl has no wheel for it (see the header)" >&2; exit 2; }
+    files+=("$f")
+  done
+  echo "gpu_check: installing ${files[*]} into $SITE"
+  "$PY" -m pip install -q --no-index --no-deps --target "$SITE" "${files[@]}" || exit 2
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
