@@ -29,7 +29,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def build_model(out: Path, hidden: int, layers: int, inter: int, heads: int, kv_heads: int) -> Path:
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+    )
 
     from llmc.testing import tiny_models as tm
     from llmc.testing import tiny_tokenizers as tt

@@ -78,7 +78,12 @@ def _key(obj: Any) -> str:
 # ------------------------------------------------------------------------------------ model
 def build_model(out: Path, spec: ModelSpec, image_px: int) -> Path:
     """Save the random-init bf16 Qwen2-VL with outlier norm channels and its processor to ``out``."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
     from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
     from llmc.testing import tiny_models as tm

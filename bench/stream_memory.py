@@ -29,7 +29,11 @@ IMPORTS = "import llmc.runner, llmc.eval.job, transformers, torch; from transfor
 def build(folder: Path, layers: int, hidden: int, intermediate: int) -> Path:
     """A random Qwen2-VL checkpoint (bf16, shards of 64 MB) with the tiny model's processor."""
     import torch
-    from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (
+        AutoProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     from llmc.testing.tiny_models import ensure_tiny_model
 

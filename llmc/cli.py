@@ -65,9 +65,17 @@ def inspect_main(argv: list[str]) -> int:
 
 
 def _console_sink(debug: bool) -> None:
-    """INFO and above on stderr; records bound with ``file_only`` (tracebacks) only with ``--debug``."""
+    """INFO and above on stderr; records bound with ``file_only`` (tracebacks) only with ``--debug``.
+
+    Under torchrun, ranks other than 0 print warnings and errors only, marked with their rank."""
+    from llmc.distributed import env_rank
+
     logger.remove()
-    logger.add(sys.stderr, level="INFO", filter=None if debug else (lambda r: not r["extra"].get("file_only")))
+    rank = env_rank()
+    fmt = "<green>{time:HH:mm:ss}</green> | <level>{level: <8}</level> | " + (f"[rank {rank}] " if rank else "") + \
+        "<level>{message}</level>"
+    logger.add(sys.stderr, level="WARNING" if rank else "INFO", format=fmt,
+               filter=None if debug else (lambda r: not r["extra"].get("file_only")))
 
 
 def run_main(argv: list[str]) -> int:
@@ -79,25 +87,40 @@ def run_main(argv: list[str]) -> int:
         print("llmc: error: give a config file (or a subcommand: " + ", ".join(SUBCOMMANDS) + ")", file=sys.stderr)
         return 2
     _console_sink(args.debug)
+    from llmc.distributed import exit_failed
+
+    code = _run_job(path, args.overwrite, args.debug)
+    return exit_failed(code) if code else 0
+
+
+def _run_job(path: str, overwrite: bool, debug: bool) -> int:
+    from llmc import distributed as dist
     from llmc.runner import JobFailed
 
+    who = f"[rank {dist.env_rank()}] " if dist.env_rank() else ""  # torchrun mixes the ranks' stderr
     try:
         from llmc.config import load_config
         from llmc.runner import run_job
 
-        run_job(load_config(path), overwrite=args.overwrite)
+        try:
+            run_job(load_config(path), overwrite=overwrite)
+        except BaseException as exc:  # under torchrun: a failure before the job's own handling
+            err = dist.on_failure(exc)
+            if err is exc:
+                raise
+            raise err from exc
     except USAGE_ERRORS as exc:
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"llmc: error: {exc}", file=sys.stderr)
+        print(f"{who}llmc: error: {exc}", file=sys.stderr)
         return 2
     except JobFailed as exc:
-        print(f"llmc: failed: {exc}", file=sys.stderr)
+        print(f"{who}llmc: failed: {exc}", file=sys.stderr)
         return 2 if isinstance(exc.__cause__, USAGE_ERRORS) else 1
     except Exception as exc:  # noqa: BLE001 - any failure must give a non-zero exit code
-        if args.debug:
+        if debug:
             traceback.print_exc()
-        print(f"llmc: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{who}llmc: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
 

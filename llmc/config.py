@@ -230,6 +230,11 @@ class RunConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     stream: Literal["auto", True, False] = "auto"
     offload_activations: Literal["auto", "device", "cpu", "disk"] = "auto"
+    dist_timeout_s: float = 600.0  # torchrun jobs: a collective waiting longer fails the job (docs/distributed.md)
+
+    def __post_init__(self) -> None:
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"run.dist_timeout_s: {self.dist_timeout_s} must be > 0")
 
 
 @dataclass

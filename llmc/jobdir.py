@@ -94,3 +94,26 @@ class JobFolder:
             return
         target.write_text(FAILED_LOG_HEADER + (self.path / LOG_NAME).read_text(errors="replace"))
         logger.error(f"step '{self.current}' failed; the log of the failed job is at {target}")
+
+
+class WorkerJob:
+    """The job as seen by a rank other than 0 under torch.distributed: same steps, no folder, nothing
+    written (rank 0's :class:`JobFolder` holds the job's log and outputs)."""
+
+    path = None
+
+    def __init__(self) -> None:
+        self.current = "start"
+        self.kept: list[str] = []
+
+    step = JobFolder.step
+
+    def keep(self, name: str) -> None:
+        """Nothing is kept: a worker writes no output."""
+
+    def succeed(self) -> None:
+        return None
+
+    def fail(self, exc: BaseException) -> BaseException:
+        logger.bind(file_only=True).opt(exception=exc).error(f"step '{self.current}' failed")
+        return exc

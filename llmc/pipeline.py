@@ -15,6 +15,7 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
+from llmc import distributed as dist
 from llmc.context import BlockContext, CachedCall, hidden_input, to_device
 from llmc.offload import ActivationStore
 from llmc.plan import Part, QuantPlan
@@ -189,8 +190,9 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
     blocks = adapter.blocks(part)
     prefix = adapter.blocks_path(part)
     stream = adapter.stream if part == "language" else None
-    for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} {part} blocks"):
+    for i in tqdm(range(len(blocks)), desc=f"{algorithm.name} {part} blocks", disable=not dist.is_main()):
         t0 = time.time()
+        dist.fault_point(f"{part} block {i}")  # test hook (LLMC_TEST_FAIL)
         block = blocks[i]
         if stream is not None:
             stream.load(f"{prefix}.{i}")
@@ -203,6 +205,9 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
         algorithm.process_block(ctx)
         outs = ctx.run()
         calls = [_keep(c, adapter.between_blocks(part, i, o, c.extras), store) for c, o in zip(calls, outs)]
+        if dist.active():  # every rank continues with the same block, bit for bit
+            dist.check_same(sum(dist.checksum(t) for t in block.state_dict().values()),
+                            f"block {prefix}.{i} after {algorithm.name}")
         if device.type != "cpu":
             block.to("cpu")
         if after_block is not None:

@@ -6,6 +6,7 @@ right after quantization, before the evaluations, and a later failure keeps them
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -19,6 +20,7 @@ import torch
 import yaml
 from loguru import logger
 
+from llmc import distributed as dist
 from llmc.algorithms import Algorithm, build_algorithms
 from llmc.algorithms.base import describe_pipeline
 from llmc.algorithms.records import GPTQRecord
@@ -33,7 +35,7 @@ from llmc.export.formats import EXPORTERS, FOLDERS, check_save_plan
 from llmc.export.outputs import JobOutputs
 from llmc.export.verify import check_reload
 from llmc.guard import check_save_path
-from llmc.jobdir import JobFailed, JobFolder
+from llmc.jobdir import JobFailed, JobFolder, WorkerJob
 from llmc.models import ModelAdapter, load_adapter
 from llmc.models.checkpoint import check_checkpoint
 from llmc.offload import ActivationStore
@@ -70,11 +72,12 @@ def calibration_batches(cfg: LLMCConfig, adapter: ModelAdapter) -> list[dict[str
     logger.info(f"calibration: {len(samples)} samples{every} from {c.path} in {len(groups)} batches of up to "
                 f"{c.bs} (seq_len {c.seq_len})")
     return [adapter.batch_process(g, with_answer=True, chat_template=c.apply_chat_template,
-                                  max_length=c.seq_len) for g in groups]
+                                  max_length=c.seq_len) for g in dist.shard(groups)]  # this rank's share
 
 
 def _check_applied(plan: QuantPlan, adapter: ModelAdapter) -> None:
-    """After quantization the model's fake-quant linears are exactly the plan's quantized layers."""
+    """After quantization the model's fake-quant linears are exactly the plan's quantized layers (that
+    every rank holds the same blocks is checked block by block: :func:`llmc.pipeline.process_blocks`)."""
     done = {n for n, m in adapter.model.named_modules() if isinstance(m, FakeQuantLinear)}
     wanted = {lp.name for lp in plan.quantized()}
     if done != wanted:
@@ -89,7 +92,8 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
 
     ``plan`` and ``algos`` are built from ``cfg`` when not given (the job builds each once).
     With ``state_dir``, each algorithm writes its record there (AWQ's scales, GPTQ's integers).
-    ``batches`` (model inputs) replace ``calib`` when given. ``after_block`` runs once each block is
+    ``batches`` (model inputs) replace ``calib`` when given; under torch.distributed each rank
+    calibrates on its share (:func:`llmc.distributed.shard`). ``after_block`` runs once each block is
     final (:func:`llmc.pipeline.process_blocks`).
     """
     algos = algos if algos is not None else build_algorithms(cfg.quant)
@@ -102,16 +106,21 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
         batches = []
     elif batches is None:
         batches = calibration_batches(cfg, adapter)
-    folder = Path(state_dir or tempfile.mkdtemp(prefix="llmc-act-")) / ".activations"
-    for part in plan.parts:
-        t0 = time.time()
-        calls = capture(adapter, part.value, batches, device, cfg.quant.token_weight) if batches else []
-        store = ActivationStore.choose(cfg.run.offload_activations, [hidden_input(c.args, c.kwargs) for c in calls],
-                                       device, folder)
-        process_blocks(adapter, part.value, offload_calls(calls, store), quantizer, plan, device, after_block, store)
-        del calls
-        logger.info(f"{quantizer.name} on {part.value}: {time.time() - t0:.1f}s")
-    shutil.rmtree(folder, ignore_errors=True)
+    else:
+        batches = dist.shard(batches)
+    with contextlib.ExitStack() as stack:
+        root = state_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmc-act-")))
+        folder = root / ".activations"
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        for part in plan.parts:
+            t0 = time.time()
+            calls = capture(adapter, part.value, batches, device, cfg.quant.token_weight) if batches else []
+            store = ActivationStore.choose(cfg.run.offload_activations,
+                                           [hidden_input(c.args, c.kwargs) for c in calls], device, folder)
+            process_blocks(adapter, part.value, offload_calls(calls, store), quantizer, plan, device, after_block,
+                           store)
+            del calls
+            logger.info(f"{quantizer.name} on {part.value}: {time.time() - t0:.1f}s")
     _check_applied(plan, adapter)
     if state_dir is not None:
         for algo in algos:
@@ -146,13 +155,14 @@ def precheck(cfg: LLMCConfig, overwrite: bool) -> tuple[Path, list[Algorithm]]:
     return save, algos
 
 
-def _evaluate_and_report(cfg: LLMCConfig, job: JobFolder, evaluation: JobEvaluation) -> None:
+def _evaluate_and_report(cfg: LLMCConfig, job: JobFolder | WorkerJob, evaluation: JobEvaluation) -> None:
     with job.step("evaluate after quantization"):
         evaluation.after_quant()
     for key in ("save_vllm", "save_sgl"):
         if getattr(cfg.save, key):
             with job.step(f"evaluate real_quant ({FOLDERS[key]}/)"):
-                evaluation.real_quant(job.path / FOLDERS[key])
+                # every rank evaluates its share of rank 0's export (same machine or shared disk)
+                evaluation.real_quant(evaluation.out / FOLDERS[key])
             break
     with job.step("report"):
         evaluation.finish()
@@ -177,13 +187,16 @@ def stream_choice(cfg: LLMCConfig, algos: list[Algorithm]) -> bool:
     return False
 
 
-def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
-    out = job.path
-    (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+def _run(cfg: LLMCConfig, job: JobFolder | WorkerJob, algos: list[Algorithm]) -> None:
+    out = job.path  # None on ranks other than 0: they compute, rank 0 writes
+    if dist.is_main():
+        (out / "config.yml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     for note in cfg.notes:
         logger.info(note)
     seed_everything(cfg.base.seed)
-    device = resolve_device(cfg.run.device)
+    device = dist.init(resolve_device(cfg.run.device), cfg.run.dist_timeout_s)
+    if dist.active():
+        logger.info(dist.describe())
     with job.step("load model"):
         logger.info(f"llmc: model {cfg.model.type} from {cfg.model.path} on {device}")
         adapter = load_adapter(cfg.model.type, cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
@@ -198,10 +211,28 @@ def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
 
             check_gguf_family(adapter)
     streamed = adapter.stream is not None
-    evaluation = JobEvaluation(cfg, adapter, device, out, plan, streamed=streamed)
+    # every rank evaluates (its share of) what rank 0 writes: the job folder is rank 0's
+    shared_out = Path(dist.broadcast_object(str(out) if dist.is_main() else None)) if dist.active() else out
+    evaluation = JobEvaluation(cfg, adapter, device, shared_out, plan, streamed=streamed)
     with job.step("evaluate before quantization"):
         evaluation.before_quant()
-    outputs = JobOutputs(cfg.save, adapter, list(plan.quantized()), out, evaluation.extra_folders())
+    if dist.is_main():
+        _quantize_and_save(cfg, job, adapter, algos, plan, device, evaluation)
+    else:
+        _quantize_worker(cfg, job, adapter, algos, plan, device)
+    dist.wait_for_main("save outputs")  # exports may outlast the collective timeout
+    _evaluate_and_report(cfg, job, evaluation)
+    if evaluation.outputs is not None:
+        evaluation.outputs.cleanup()
+
+
+def _quantize_and_save(cfg: LLMCConfig, job: JobFolder, adapter: ModelAdapter, algos: list[Algorithm],
+                       plan: QuantPlan, device: torch.device, evaluation: JobEvaluation) -> None:
+    """Rank 0 (or the single process): quantize, writing a streamed model's blocks as they are final,
+    then complete and publish every output."""
+    out, streamed = job.path, adapter.stream is not None
+    outputs = evaluation.outputs = JobOutputs(cfg.save, adapter, list(plan.quantized()), out,
+                                              evaluation.extra_folders())
     try:
         with job.step("quantize"):
             if streamed and isinstance(algos[-1].record, GPTQRecord):
@@ -215,8 +246,15 @@ def _run(cfg: LLMCConfig, job: JobFolder, algos: list[Algorithm]) -> None:
     except BaseException:
         outputs.abort()
         raise
-    _evaluate_and_report(cfg, job, evaluation)
-    outputs.cleanup()
+
+
+def _quantize_worker(cfg: LLMCConfig, job: WorkerJob, adapter: ModelAdapter, algos: list[Algorithm],
+                     plan: QuantPlan, device: torch.device) -> None:
+    """A rank other than 0: the same quantization on its share of the calibration, nothing written."""
+    if isinstance(algos[-1].record, GPTQRecord):
+        algos[-1].record.spill_to(None)  # rank 0 keeps the record
+    with job.step("quantize"):
+        quantize_model(cfg, adapter, device, plan=plan, algos=algos)
 
 
 def save_outputs(cfg: LLMCConfig, adapter: ModelAdapter, job: JobFolder, outputs: JobOutputs) -> None:
@@ -279,16 +317,20 @@ def verification_batches(cfg: LLMCConfig, adapter: ModelAdapter, n: int = 2) -> 
 def run_job(cfg: LLMCConfig, overwrite: bool = False) -> Path:
     """Run the whole job. ``save_path`` appears when it succeeded, or when a step failed after some
     outputs were finished (then :class:`JobFailed` is raised, naming the step and what was kept)."""
+    dist.init(resolve_device(cfg.run.device), cfg.run.dist_timeout_s)  # no-op without torchrun
     save, algos = precheck(cfg, overwrite)
     cfg = materialize(cfg)
-    job = JobFolder(save, cfg.run.log_level)
+    job = JobFolder(save, cfg.run.log_level) if dist.is_main() else WorkerJob()
     try:
         _run(cfg, job, algos)
-    except BaseException as exc:
+        dist.barrier()  # every rank finished: only then does rank 0 publish
+    except BaseException as caught:
+        exc = dist.on_failure(caught)  # under torchrun: another rank's failure is named as such
         err = job.fail(exc)
-        if err is exc:
+        if err is caught:
             raise
-        raise err from exc
+        raise err from (caught if err is exc else exc)
     job.succeed()
     logger.info(f"done: {save}")
+    dist.shutdown()
     return save

@@ -38,7 +38,10 @@ def test_translation_shows_the_same_commands_config_and_table():
 
 
 def test_auto_table_matches_the_tests():
-    from test_auto_adapter import HANDLED, REFUSED  # tests/ is on sys.path (pytest rootdir conftest)
+    from test_auto_adapter import (  # tests/ is on sys.path (pytest rootdir conftest)
+        HANDLED,
+        REFUSED,
+    )
     from test_conformance import AUTO_FAMILIES
 
     table = auto_table(DOC)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from llmc.plan import Part, plan_of_block
 from llmc.algorithms import awq
 from llmc.algorithms import build_algorithms as runner_build
 from llmc.algorithms.awq import AWQ, AWQOptions
@@ -22,6 +21,7 @@ from llmc.algorithms.rtn import RTN
 from llmc.context import BlockContext, CachedCall, hidden_input
 from llmc.models.common import fused_qkv_layout
 from llmc.models.layout import BlockLayout, LayerGroup, Producer
+from llmc.plan import Part, plan_of_block
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize
 from llmc.quant.scaling import fold_scales

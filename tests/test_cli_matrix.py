@@ -1,7 +1,6 @@
 """Every algorithm through the CLI on a tiny VLM, language only and vision + language."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import yaml
@@ -9,10 +8,10 @@ from transformers import AutoModelForImageTextToText
 
 from llmc.algorithms.records import GPTQRecord
 from llmc.calib import load_samples
+from llmc.cli import main
 from llmc.models import load_adapter
 from llmc.plan import load_plan
 from llmc.quant.primitives import QuantSpec, rtn_fake_quantize
-from llmc.cli import main
 
 METHODS = {
     "RTN": ({"method": "RTN"}, "w4ag32"),

@@ -127,7 +127,6 @@ def test_cli_writes_every_real_quant_format(tmp_path, tiny_model, calib_dir):
     torch.testing.assert_close(logits_of(real, batch), logits_of(fake, batch), atol=1e-4, rtol=1e-4)
     # the packed AutoAWQ and GPTQ tensors, unpacked by hand, are the fake-quant weights (fp16 scales)
     from safetensors.torch import load_file
-
     from test_export_helpers import ckpt_name
 
     from llmc.export.awq_gemm import awq_dequantize

@@ -27,9 +27,9 @@ from llmc.export.awq_gemm import export_autoawq, why_not_awq
 from llmc.export.dequant import dequantize_awq_folder
 from llmc.export.formats import check_save_plan
 from llmc.models import load_adapter
+from llmc.plan import build_plan, single_layer
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec
-from llmc.plan import build_plan, single_layer
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ: nibble i of a word holds column ORDER[i] of its 8 columns

@@ -5,7 +5,14 @@ import re
 
 import pytest
 import torch
-from test_export_helpers import ckpt_name, fq_layers, quant_config, quantized_vlm, read_tensors, set_act_order
+from test_export_helpers import (
+    ckpt_name,
+    fq_layers,
+    quant_config,
+    quantized_vlm,
+    read_tensors,
+    set_act_order,
+)
 
 from llmc.export.gptq_pack import export_gptq
 

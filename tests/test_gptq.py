@@ -9,13 +9,19 @@ import torch
 import yaml
 from torch import nn
 
-from llmc.plan import Part, load_plan, plan_of_block, single_layer
 from llmc.algorithms import build_algorithms
 from llmc.algorithms.gptq import GPTQ, GPTQOptions, HessianStats, gptq_quantize_weight
 from llmc.context import BlockContext, CachedCall
 from llmc.models.layout import BlockLayout, LayerGroup
+from llmc.plan import Part, load_plan, plan_of_block, single_layer
 from llmc.quant.fake_linear import FakeQuantLinear
-from llmc.quant.primitives import QuantSpec, compute_qparams, dequantize, fake_quantize, rtn_fake_quantize
+from llmc.quant.primitives import (
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    rtn_fake_quantize,
+)
 
 G16 = QuantSpec(bits=4, symmetric=False, granularity="per_group", group_size=16)
 CH = QuantSpec(bits=4, symmetric=False, granularity="per_channel")

@@ -17,9 +17,9 @@ from torch import nn
 import llmc
 from llmc import runner
 from llmc.config import ConfigError, parse_config
+from llmc.plan import Part, load_plan, resolve_spec
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec, rtn_fake_quantize
-from llmc.plan import Part, load_plan, resolve_spec
 
 REPO = Path(llmc.__file__).resolve().parent.parent
 VISION = "model.visual.blocks"

@@ -2,8 +2,15 @@
 import pytest
 import torch
 
-from llmc.quant.primitives import (QuantSpec, compute_qparams, dequantize, fake_quantize, qrange, quantize,
-                                   rtn_fake_quantize)
+from llmc.quant.primitives import (
+    QuantSpec,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    qrange,
+    quantize,
+    rtn_fake_quantize,
+)
 
 
 def test_asymmetric_per_group_by_hand():

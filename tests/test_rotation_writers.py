@@ -5,11 +5,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from test_rotation import CPU, batch_of, load, logits, rel_err, rotation, samples  # noqa: F401  (fixture)
 from torch import nn
 
 from llmc.algorithms.rotation import rotate_raw_weight
 from llmc.quant.hadamard import rotation_matrix
-from test_rotation import CPU, batch_of, load, logits, rel_err, rotation, samples  # noqa: F401  (fixture)
 
 
 def test_rotate_raw_weight_in_out_and_row():

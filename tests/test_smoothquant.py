@@ -12,7 +12,6 @@ import yaml
 from torch import nn
 
 import llmc
-from llmc.plan import Part, load_plan, plan_of_block
 from llmc.algorithms import build_algorithms
 from llmc.algorithms.smoothquant import SmoothQuant, SmoothQuantOptions, smooth_scales
 from llmc.calib import batches, load_samples
@@ -21,6 +20,7 @@ from llmc.context import BlockContext, CachedCall
 from llmc.models import load_adapter
 from llmc.models.layout import BlockLayout, LayerGroup, Producer
 from llmc.pipeline import capture
+from llmc.plan import Part, load_plan, plan_of_block
 from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec
 

@@ -129,3 +129,28 @@ def test_auto_offload_measures_and_chooses(tmp_path):
     assert ActivationStore.choose("auto", small, torch.device("cpu"), tmp_path).mode == "device"
     huge = [torch.zeros(1, 1).expand(2**40, 1)]  # 4 TiB by numel: no memory holds it
     assert ActivationStore.choose("auto", huge, torch.device("cpu"), tmp_path).mode == "disk"
+
+
+def test_no_state_dir_leaves_no_temp_folder(tmp_path, tiny_model, calib_dir, monkeypatch):
+    """Without a state folder the activations live in a temporary one, removed even when the job fails."""
+    import tempfile
+
+    from llmc.config import parse_config
+    from llmc.runner import quantize_model
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    job = _job(tmp_path, tiny_model, calib_dir, "x", "auto", "GPTQ")
+    job["run"]["offload_activations"] = "disk"
+    cfg = parse_config(job)
+    quantize_model(cfg, load_adapter("qwen2_vl", cfg.model.path, dtype="float32"), torch.device("cpu"))
+    assert list(scratch.iterdir()) == []
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("block failed")
+
+    monkeypatch.setattr("llmc.runner.process_blocks", boom)
+    with pytest.raises(RuntimeError, match="block failed"):
+        quantize_model(cfg, load_adapter("qwen2_vl", cfg.model.path, dtype="float32"), torch.device("cpu"))
+    assert list(scratch.iterdir()) == []

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from llmc.plan import load_plan
 from llmc.algorithms import build_algorithms
 from llmc.calib import load_samples
 from llmc.config import QuantConfig
 from llmc.models import load_adapter
+from llmc.plan import load_plan
 from llmc.testing.tiny_vila import EXAMPLES, FAMILY, IMAGE_TOKENS, vila_package
 
 REPO = Path(__file__).resolve().parents[1]

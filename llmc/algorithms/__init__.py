@@ -6,7 +6,13 @@ classes are selectable; adding an algorithm is adding a file.
 import importlib
 import pkgutil
 
-from llmc.algorithms.base import Algorithm, algorithm_class, build_algorithms, register_algorithm, valid_methods
+from llmc.algorithms.base import (
+    Algorithm,
+    algorithm_class,
+    build_algorithms,
+    register_algorithm,
+    valid_methods,
+)
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name != "base" and not _mod.name.startswith("_"):

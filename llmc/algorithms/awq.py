@@ -35,6 +35,11 @@ weights elsewhere; None for vision blocks) weight every mean and every error.
 As in llm-awq, clipping skips the query/key linears: the plan's ``Role.QUERY_KEY``
 (from the layout's ``query_key``, cross-attention q/k included). A fused qkv linear
 is none of them and is clipped as a whole.
+
+Under torch.distributed (:mod:`llmc.distributed`) every rank sees its share of the calls and
+every statistic is a sum over ranks: the input means (sums and norms), each ratio's loss (errors
+and norms) and the clip errors per (row, group) over the same strided rows as one process; every
+rank then picks the same scales and clips.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from typing import Literal
 import torch
 from loguru import logger
 
+from llmc import distributed as dist
 from llmc.algorithms.base import Algorithm, register_algorithm
 from llmc.algorithms.records import AWQRecord
 from llmc.context import BlockContext, first_tensor, flatten_rows, hidden_input
@@ -92,7 +98,9 @@ class AWQOptions:
 
 # ----------------------------------------------------------------------------------- scale search
 def weighted_abs_mean(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """Per-channel mean of ``|x|`` over all rows of all calls, rows weighted (weight 0 rows ignored)."""
+    """Per-channel mean of ``|x|`` over all rows of all calls, rows weighted (weight 0 rows ignored).
+
+    Distributed: the weighted sums and the total weight are summed over ranks before dividing."""
     total, norm = None, 0.0
     for x, w in zip(xs, weights):
         rows, rw = flatten_rows(x, w)
@@ -100,6 +108,8 @@ def weighted_abs_mean(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor
         s = a.sum(0) if rw is None else (a * rw[:, None]).sum(0)
         total = s if total is None else total + s
         norm += float(rows.shape[0]) if rw is None else float(rw.sum())
+    if total is not None:
+        total, norm = dist.all_reduce_sum(total), dist.sum_float(norm)
     if total is None or norm <= 0:
         raise ValueError("no calibration rows with a non-zero token weight")
     return total / norm
@@ -147,12 +157,18 @@ def clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float
 
 def clip_error(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip: torch.Tensor,
                x_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``[out, G]``: weighted mean over rows of ``(x_g . (fq(w)_g - w_g))^2`` per (row, group)."""
+    """``[out, G]``: weighted mean over rows of ``(x_g . (fq(w)_g - w_g))^2`` per (row, group).
+
+    Distributed: the weighted sums over rows and the total row weight are summed over ranks."""
     scale, zero = clipped_qparams(w, spec, clip)
     gl = spec.group_len(w.shape[1])
     d = to_groups(fake_quantize(w.float(), scale, zero, spec) - w.float(), gl)  # [o, G, gl]
     xg = x.float().reshape(x.shape[0], -1, gl)  # [T, G, gl]
     out = torch.einsum("tgl,ogl->otg", xg, d).pow(2)  # [o, T, G]
+    if dist.active():
+        num = out.sum(1) if x_weight is None else (out * x_weight[None, :, None]).sum(1)
+        den = float(x.shape[0]) if x_weight is None else float(x_weight.sum())
+        return dist.all_reduce_sum(num) / max(dist.sum_float(den), 1e-12)
     if x_weight is None:
         return out.mean(1)
     return (out * x_weight[None, :, None]).sum(1) / x_weight.sum().clamp(min=1e-12)
@@ -196,20 +212,32 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: torch
     return torch.cat(res)
 
 
+def search_subset(count: int, n: int) -> list[int]:
+    """Indices of this rank's ``count`` calls among ``n`` evenly strided over every rank's calls (in the
+    order of the unsplit calls: the same calls as one process)."""
+    offsets, total = dist.global_offsets([1] * count)
+    if total <= n:
+        return list(range(count))
+    keep = {round(i * (total - 1) / max(n - 1, 1)) for i in range(n)}
+    return [j for j, off in enumerate(offsets) if off in keep]
+
+
 def sample_rows(xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor | None],
                 n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """At most ``n`` rows evenly strided over all non-padding rows of ``xs`` (and their weights)."""
+    """At most ``n`` rows evenly strided over all non-padding rows of ``xs`` (and their weights).
+
+    Distributed: strided over the rows of every rank's calls in the order of the unsplit calls;
+    each rank returns those of its own calls (the union is the single-process sample)."""
     flat = [flatten_rows(x, w) for x, w in zip(xs, weights)]
-    total = sum(r.shape[0] for r, _ in flat)
+    offsets, total = dist.global_offsets([r.shape[0] for r, _ in flat])
     if total == 0:
         raise ValueError("no calibration rows with a non-zero token weight")
     idx = torch.arange(0, total, max(1, total // n))[:n]
-    rows, rws, off = [], [], 0
-    for r, rw in flat:
+    rows, rws = [], []
+    for (r, rw), off in zip(flat, offsets):
         local = idx[(idx >= off) & (idx < off + r.shape[0])] - off
         rows.append(r[local.to(r.device)])
         rws.append(None if rw is None else rw[local.to(rw.device)])
-        off += r.shape[0]
     has_w = any(rw is not None for rw in rws)
     weights_out = torch.cat([rw if rw is not None else torch.ones(r.shape[0], device=r.device)
                              for r, rw in zip(rows, rws)]) if has_w else None
@@ -235,6 +263,7 @@ def _linear_loss(lin: torch.nn.Linear, spec: QuantSpec, xs: Sequence[torch.Tenso
     the mean squared error over outputs is ``sum(D * (H D)) / (out * sum w)`` with
     ``H = sum_i w_i x_i^T x_i``, accumulated once: each ratio then costs ``in^2 * out`` instead of
     ``tokens * in * out``. The same quantity as running the linear, without rounding its outputs.
+    Distributed: each rank's error ``sum(D * (H_r D))`` and weight are summed over ranks.
     """
     H = torch.zeros(lin.in_features, lin.in_features, dtype=torch.float32, device=lin.weight.device)
     norm = 0.0
@@ -246,11 +275,12 @@ def _linear_loss(lin: torch.nn.Linear, spec: QuantSpec, xs: Sequence[torch.Tenso
         norm += float(rows.shape[0] if rw is None else rw.sum())
         H.addmm_(rows.t(), rows)
     w0 = lin.weight.detach()
+    norm = dist.sum_float(norm)
 
     @torch.no_grad()
     def loss(s: torch.Tensor) -> float:
         D = (_scaled_fq(w0, spec, s).float() - w0.float()).t()
-        return float((D * (H @ D)).sum()) / (lin.out_features * max(norm, 1e-12))
+        return dist.sum_float(float((D * (H @ D)).sum())) / (lin.out_features * max(norm, 1e-12))
 
     return loss
 
@@ -266,12 +296,15 @@ def _group_loss(ctx: BlockContext, group: LayerGroup, calls: list[tuple[tuple, d
 
 def _module_loss(inspect: torch.nn.Module, lins: list[tuple[torch.nn.Module, QuantSpec | None]],
                  calls: list[tuple[tuple, dict]], weights: Sequence[torch.Tensor | None]) -> LossFn:
-    """The loss by running ``inspect`` on every call for each ratio (any module: attention, MLP)."""
+    """The loss by running ``inspect`` on every call for each ratio (any module: attention, MLP).
+
+    Distributed: each rank runs its own calls; errors and weights are summed over ranks."""
     orig = [lin.weight.detach().clone() for lin, _ in lins]
     with torch.no_grad():
         refs = [first_tensor(inspect(*a, **k)).float() for a, k in calls]
     flat = [None if w is None else w.reshape(-1).float() for w in weights]
     norm = sum(float(r.shape[:-1].numel()) if w is None else float(w.sum()) for r, w in zip(refs, flat))
+    norm = dist.sum_float(norm)
 
     @torch.no_grad()
     def loss(s: torch.Tensor) -> float:
@@ -283,7 +316,7 @@ def _module_loss(inspect: torch.nn.Module, lins: list[tuple[torch.nn.Module, Qua
             for (a, k), ref, w in zip(calls, refs, flat):
                 sq = first_tensor(inspect(*a, **k)).float().sub_(ref).pow_(2).mean(-1).reshape(-1)
                 err += float(sq.sum() if w is None else sq @ w.to(sq.device))  # padding rows: weight 0
-            return err / max(norm, 1e-12)
+            return dist.sum_float(err) / max(norm, 1e-12)
         finally:
             for (lin, _), w0 in zip(lins, orig):
                 lin.weight.copy_(w0)
@@ -322,9 +355,8 @@ class AWQ(Algorithm):
             lins = [ctx.get(n).weight for n in group.linears]
             w_mean = weight_mean(lins, spec.group_len(lins[0].shape[1]))
         calls, loss_weights = rec[group.inspect], weights
-        n = self.options.search_calls
-        if n is not None and len(calls) > n:
-            keep = [round(i * (len(calls) - 1) / max(n - 1, 1)) for i in range(n)]
+        if self.options.search_calls is not None:
+            keep = search_subset(len(calls), self.options.search_calls)
             calls, loss_weights = [calls[i] for i in keep], [weights[i] for i in keep]
         loss = _group_loss(ctx, group, calls, loss_weights)
         s, ratio, losses = search_scales(x_mean, loss, self.options.n_grid, w_mean)

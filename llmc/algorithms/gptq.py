@@ -31,6 +31,11 @@ Config keys (``quant.special``):
 
 Quantization grid, group size and bits come from ``quant.weight`` (per layer
 through ``ctx.spec``); layers without a spec stay float.
+
+Under torch.distributed (:mod:`llmc.distributed`) each rank accumulates the Hessians of its share
+of the calibration batches; they are summed into each layer's owner rank (layers spread over the
+ranks by size), which runs GPTQ on it and broadcasts the result (weight, scale, zero, g_idx) bit
+for bit, so every rank continues with the same block.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from loguru import logger
 
+from llmc import distributed as dist
 from llmc.algorithms.base import Algorithm, register_algorithm
 from llmc.algorithms.records import GPTQRecord
 from llmc.context import BlockContext, flatten_rows
@@ -86,6 +92,26 @@ class HessianStats:
             self.H.addmm_(rows.t(), rows, alpha=2.0 / total)
         else:
             self.H.add_((rows.t() @ rows).float(), alpha=2.0 / total)
+        self.n = total
+
+    def combine(self, owners: set[int]) -> None:
+        """Sum every rank's statistics into the ranks ``owners`` (torch.distributed; no-op otherwise).
+
+        Each rank's ``H_r`` is normalised by its own weight ``n_r``, so it is rescaled by
+        ``n_r / N`` (``N = sum_r n_r``, an all-reduce) before the sum: ``H = sum_r n_r H_r / N`` is
+        ``2/N sum_i w_i x_i x_i^T`` over every rank's rows. Summed with ``reduce`` into a single
+        owner, ``all_reduce`` when several linears of different owners share the input; ``H`` is
+        meaningless on the other ranks afterwards.
+        """
+        if not dist.active():
+            return
+        total = dist.sum_float(self.n)
+        if total > 0:
+            self.H.mul_(self.n / total)
+        if len(owners) == 1:
+            dist.reduce_sum(self.H, next(iter(owners)))
+        else:
+            dist.all_reduce_sum(self.H)
         self.n = total
 
 
@@ -298,11 +324,47 @@ class GPTQ(Algorithm):
             return
         if self.options.true_sequential:
             for g in groups:
-                H = self.collect(ctx, [g])[g.name].H
-                for name in self._todo(ctx, g):
-                    self.quantize_linear(ctx, name, H)
+                stats = self.collect(ctx, [g])[g.name]
+                self._quantize_all(ctx, [(name, stats) for name in self._todo(ctx, g)])
             return
         stats = self.collect(ctx, groups)
-        for g in groups:
-            for name in self._todo(ctx, g):
-                self.quantize_linear(ctx, name, stats[g.name].H)
+        self._quantize_all(ctx, [(name, stats[g.name]) for g in groups for name in self._todo(ctx, g)])
+
+    @torch.no_grad()
+    def _quantize_all(self, ctx: BlockContext, todo: list[tuple[str, HessianStats]]) -> None:
+        """GPTQ each ``(linear, its input's statistics)``, in order; distributed: each on its owner rank
+        (largest ``in * (in + out)`` first to the least loaded rank), then broadcast to every rank."""
+        if not dist.active():
+            for name, stats in todo:
+                self.quantize_linear(ctx, name, stats.H)
+            return
+        lins = [ctx.get(name) for name, _ in todo]
+        owner = dist.owners([lin.in_features * (lin.in_features + lin.out_features) for lin in lins])
+        shared: dict[int, tuple[HessianStats, set[int]]] = {}
+        for (_, stats), r in zip(todo, owner):
+            shared.setdefault(id(stats), (stats, set()))[1].add(r)
+        for stats, ranks in shared.values():
+            stats.combine(ranks)
+        for (name, stats), r in zip(todo, owner):
+            if r == dist.rank():
+                self.quantize_linear(ctx, name, stats.H)
+        for (name, _), r in zip(todo, owner):
+            self._share(ctx, name, r)
+
+    @torch.no_grad()
+    def _share(self, ctx: BlockContext, name: str, owner: int) -> None:
+        """Rank ``owner``'s GPTQ result of ``name`` (weight, scale, zero, g_idx) on every rank, bit for bit."""
+        lin, spec, mine = ctx.get(name), ctx.spec(name), owner == dist.rank()
+        n = lin.in_features
+        groups = n // spec.group_len(n)
+        dev = lin.weight.device
+        scale = lin.scale if mine else torch.empty(lin.out_features, groups, dtype=torch.float32, device=dev)
+        zero = lin.zero if mine else torch.empty_like(scale)
+        g_idx = None
+        if self.options.actorder and not self.options.static_groups and groups > 1:
+            g_idx = lin.g_idx if mine else torch.empty(n, dtype=torch.long, device=dev)
+        for t in (lin.weight.data, scale, zero, g_idx):
+            if t is not None:
+                dist.broadcast(t, owner)
+        if not mine:
+            self._remember(ctx.full_name(name), ctx.quantize(name, scale, zero, g_idx))

@@ -110,12 +110,17 @@ class GPTQRecord(Record):
     SPILL = "gptq_records"
     layers: dict[str, "dict[str, torch.Tensor] | str"] = field(default_factory=dict)
 
-    def spill_to(self, folder: Path) -> None:
-        self._spill = Path(folder) / self.SPILL
-        self._spill.mkdir(parents=True, exist_ok=True)
+    def spill_to(self, folder: Path | None) -> None:
+        """Write each layer's state under ``folder`` as it is made; ``None``: keep nothing (a rank other
+        than 0 under torch.distributed, whose record rank 0 writes)."""
+        self._spill = Path(folder) / self.SPILL if folder is not None else False
+        if self._spill:
+            self._spill.mkdir(parents=True, exist_ok=True)
 
     def put(self, name: str, state: dict[str, torch.Tensor]) -> None:
         spill = getattr(self, "_spill", None)
+        if spill is False:
+            return
         if spill is None:
             self.layers[name] = state
             return

@@ -47,7 +47,12 @@ from torch import nn
 
 from llmc.algorithms.base import Algorithm, register_algorithm
 from llmc.algorithms.records import RotationRecord
-from llmc.models.layout import EXTERNAL_WEIGHT_KINDS, BlockLayout, Producer, RotationTargets
+from llmc.models.layout import (
+    EXTERNAL_WEIGHT_KINDS,
+    BlockLayout,
+    Producer,
+    RotationTargets,
+)
 from llmc.quant.hadamard import rotation_matrix
 
 if TYPE_CHECKING:

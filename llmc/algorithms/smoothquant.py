@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from llmc import distributed as dist
 from llmc.algorithms.base import Algorithm, register_algorithm
 from llmc.algorithms.records import SmoothQuantRecord
 from llmc.context import BlockContext, flatten_rows
@@ -93,7 +94,8 @@ def smooth_scales(act_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> t
 def collect_act_max(ctx: BlockContext, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """Run the block once over its calls; per-channel input ``max |x|`` of each submodule in ``names``.
 
-    Reduced on the fly (hooks), so no input is kept in memory.
+    Reduced on the fly (hooks), so no input is kept in memory. Distributed: the maximum over every
+    rank's rows (an all-reduce MAX; exact, the same as one process).
     """
     stats: dict[str, torch.Tensor | None] = {n: None for n in names}
 
@@ -103,6 +105,11 @@ def collect_act_max(ctx: BlockContext, names: Sequence[str]) -> dict[str, torch.
             stats[n] = m.cpu() if stats[n] is None else torch.maximum(stats[n], m.cpu())
 
     ctx.stream_inputs(names, reduce)
+    if dist.active():  # -1: no row on this rank (|x| >= 0 elsewhere)
+        for n in names:
+            local = stats[n] if stats[n] is not None else torch.full((ctx.get(n).in_features,), -1.0)
+            m = dist.all_reduce_max(local.clone())
+            stats[n] = m if bool((m >= 0).all()) else None
     for n in names:
         if stats[n] is None:
             raise ValueError(f"{ctx.full_name(n)}: no calibration rows with non-zero weight")

@@ -7,6 +7,7 @@ held-out samples (never calibration ones).
 """
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from llmc import distributed as dist
 from llmc.builtin import local_path
 from llmc.calib import load_samples
 from llmc.config import LLMCConfig
@@ -44,6 +46,9 @@ class JobEvaluation:
     free memory as ``max_memory``, an offload folder): the checkpoint (pretrain), ``trans/``
     (transformed) and ``fake/`` (fake_quant); :meth:`extra_folders` names those the job must write
     for the evaluation alone.
+
+    Under torch.distributed every rank calls every method (lmms-eval gives each its share of the
+    requests); ``out`` is rank 0's job folder on every rank, but only rank 0 writes under it.
     """
 
     def __init__(self, cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device, out: Path,
@@ -51,10 +56,21 @@ class JobEvaluation:
         self.cfg, self.adapter, self.device, self.plan = cfg, adapter, device, plan
         self.eval = cfg.eval
         self.positions = list(self.eval.eval_pos) if self.eval is not None else []
-        self.out, self.work = out, out / "eval"
+        self.out = out
+        self.work = out / "eval" if dist.is_main() else None  # None: another rank (temp dirs)
         self.results: dict[str, Any] = {}
         self.reference = None
         self.streamed = streamed
+        self.outputs = None  # the job's JobOutputs, set by rank 0's runner
+        self._tmp: tempfile.TemporaryDirectory | None = None  # another rank's offload folder
+
+    def _offload(self) -> Path:
+        """accelerate's offload folder for a dispatched model (one per rank)."""
+        if self.work is not None:
+            return self.work / "offload"
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=f"llmc-offload-rank{dist.rank()}-")
+        return Path(self._tmp.name)
 
     def extra_folders(self) -> dict[str, str]:
         """Folders a streamed job writes for its evaluation only (save key -> folder under the job)."""
@@ -82,7 +98,7 @@ class JobEvaluation:
         from llmc.eval.dispatch import load_dispatched
 
         model = load_dispatched(folder, self.adapter.auto_model_class(), self.adapter.dtype, self.device,
-                                self.work / "offload")
+                                self._offload())
         self._at(position, self.adapter.with_model(model), move=False)
 
     def _calibration(self) -> list:
@@ -102,9 +118,10 @@ class JobEvaluation:
             from llmc.eval.dispatch import load_dispatched
 
             adapter = adapter.with_model(load_dispatched(self.cfg.model.path, adapter.auto_model_class(),
-                                                         adapter.dtype, self.device, self.work / "offload"))
-        self.reference = make_reference(adapter, self.eval, calibration=self._calibration(),
-                                        work_dir=self.work, device=None if self.streamed else self.device)
+                                                         adapter.dtype, self.device, self._offload()))
+        if dist.is_main():  # fidelity is computed on rank 0 only
+            self.reference = make_reference(adapter, self.eval, calibration=self._calibration(),
+                                            work_dir=self.work, device=None if self.streamed else self.device)
         if "pretrain" in self.positions:
             self._at("pretrain", adapter, move=not self.streamed)
 
@@ -134,7 +151,9 @@ class JobEvaluation:
         logger.info(f"real_quant: evaluated {folder.name}/ reloaded from disk")
 
     def finish(self) -> str | None:
-        if not self.results:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        if not self.results or not dist.is_main():
             return None
         from llmc.eval.report import write_report
 

@@ -14,6 +14,10 @@ Registration with lmms-eval 0.7.3 (which resolves ``--model NAME`` through its
 * ``LMMS_EVAL_PLUGINS=llmc.eval`` (deprecated by lmms-eval, works without installing:
   reads ``llmc.eval.models.AVAILABLE_MODELS`` and ``llmc.eval.tasks``);
 * in-process :func:`register` (what ``python -m llmc.eval.lmms_cli`` does).
+
+Under torch.distributed (a torchrun job, :mod:`llmc.distributed`) the model reports its rank and
+world size; lmms-eval, run with ``distributed_executor_backend="torchrun"``, then gives each rank
+every ``world``-th document and gathers the logged samples and metrics on rank 0.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from llmc import distributed as dist
 from llmc.eval.generation import encode_batch, generate, model_device
 from llmc.eval.lmms_compat import lmms, models
 from llmc.eval.lmms_entry import lmms_manifest
@@ -89,7 +94,9 @@ class LLMCLMM(lmms):
             adapter.model.to(device)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.max_new_tokens = int(max_new_tokens) if max_new_tokens else None
-        self.accelerator = None  # single process: lmms-eval then skips creating an Accelerator
+        self.accelerator = None  # lmms-eval then skips creating an Accelerator (torchrun: torch.distributed)
+        if dist.active():  # lmms-eval shards the documents by rank and gathers on rank 0
+            self._rank, self._world_size = dist.rank(), dist.world()
         self._warned_text_only = False
 
     @property

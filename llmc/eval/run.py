@@ -10,6 +10,10 @@
   over categories), ``fidelity_samples`` (held-out samples of the MME data for :mod:`fidelity`).
 
 lmms-eval's exit status is never trusted: every requested task must come back with results.
+
+Under torch.distributed every rank runs lmms-eval on its share of the documents (lmms-eval's
+``torchrun`` backend); results come back on rank 0, which alone computes fidelity and reports
+(the other ranks get ``None``).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from loguru import logger
 
+from llmc import distributed as dist
 from llmc.calib.sample import Sample
 from llmc.eval import fidelity as fid
 from llmc.eval import mme_local
@@ -142,11 +147,14 @@ def _numeric_metrics(task_results: dict[str, Any]) -> dict[str, float]:
 
 
 def _run_lmms_eval(adapter: ModelAdapter, eval_cfg: Any, tasks: list[str], include: list[str],
-                   defaults: bool) -> dict[str, Any]:
+                   defaults: bool) -> dict[str, Any] | None:
     lm = LLMCLMM(adapter=adapter, batch_size=eval_cfg.bs, max_new_tokens=eval_cfg.max_new_tokens)
     manager = TaskManager("WARNING", include_path=include or None, include_defaults=defaults, model_name="llmc")
     res = evaluator.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=eval_cfg.limit,
-                                    log_samples=True, bootstrap_iters=0, verbosity="WARNING")
+                                    log_samples=True, bootstrap_iters=0, verbosity="WARNING",
+                                    distributed_executor_backend="torchrun" if dist.active() else "accelerate")
+    if not dist.is_main():
+        return None  # results are gathered on rank 0
     missing = [t for t in tasks if t not in (res or {}).get("results", {})]
     if missing:
         raise RuntimeError(f"lmms-eval returned no results for task(s) {missing}")
@@ -154,10 +162,12 @@ def _run_lmms_eval(adapter: ModelAdapter, eval_cfg: Any, tasks: list[str], inclu
 
 
 def evaluate_position(adapter: ModelAdapter, eval_cfg: Any, position: str, reference: fid.Reference | None = None,
-                      work_dir: str | Path | None = None, device: str | torch.device | None = None) -> dict[str, Any]:
+                      work_dir: str | Path | None = None,
+                      device: str | torch.device | None = None) -> dict[str, Any] | None:
     """Evaluate the adapter's model as it is now; ``reference`` adds fidelity metrics (not at ``pretrain``).
 
-    Returns ``{"position", "tasks": {task: {"categories", "perception", "cognition", "total",
+    Under torch.distributed every rank must call it (each generates for its share); ranks other
+    than 0 get None. Returns ``{"position", "tasks": {task: {"categories", "perception", "cognition", "total",
     "n_questions", "lmms_eval"} | {"metrics"}}, "fidelity"?: {...}, "time_s"}``.
     """
     t0 = time.time()
@@ -168,6 +178,8 @@ def evaluate_position(adapter: ModelAdapter, eval_cfg: Any, position: str, refer
     out: dict[str, Any] = {"position": position, "tasks": {}}
     with _on_device(adapter, device), _rng_preserved():
         res = _run_lmms_eval(adapter, eval_cfg, tasks, include, defaults=len(local) < len(names))
+        if res is None:
+            return None
         for t in tasks:
             if t in {x.name for x in local.values()}:
                 out["tasks"][t] = mme_local.summary_from_logged(res["samples"][t])

@@ -2,10 +2,28 @@
 from __future__ import annotations
 
 from llmc.models import (  # noqa: F401  (registration)
-    auto, causal_lm, gemma3, idefics3, internvl, llava, llava_next, mistral3, mllama, paligemma,
-    qwen3_vl, qwen_vl, vila)
+    auto,
+    causal_lm,
+    gemma3,
+    idefics3,
+    internvl,
+    llava,
+    llava_next,
+    mistral3,
+    mllama,
+    paligemma,
+    qwen3_vl,
+    qwen_vl,
+    vila,
+)
 from llmc.models.base import ModelAdapter
-from llmc.models.layout import BlockLayout, LayerGroup, ModelParts, Producer, RotationTargets
+from llmc.models.layout import (
+    BlockLayout,
+    LayerGroup,
+    ModelParts,
+    Producer,
+    RotationTargets,
+)
 from llmc.models.registry import adapter_class, register_adapter, valid_types
 
 __all__ = ["BlockLayout", "LayerGroup", "ModelAdapter", "ModelParts", "Producer", "RotationTargets",

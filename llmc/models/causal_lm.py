@@ -1,7 +1,6 @@
 """Text-only decoders (Llama, Qwen2): the language half of most VLMs, on its own."""
 from __future__ import annotations
 
-
 from llmc.models.base import ModelAdapter
 from llmc.models.layout import ModelParts
 from llmc.models.registry import register_adapter

@@ -20,7 +20,6 @@ complete otherwise: the projector writes through the raw weight ``mm_input_proje
 """
 from __future__ import annotations
 
-
 from torch import nn
 
 from llmc.models.base import ModelAdapter

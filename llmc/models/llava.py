@@ -1,7 +1,6 @@
 """LLaVA (HF ``LlavaForConditionalGeneration``): CLIP or SigLIP vision, 2-layer MLP projector, any decoder."""
 from __future__ import annotations
 
-
 from torch import nn
 
 from llmc.models.base import ModelAdapter

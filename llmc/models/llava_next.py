@@ -11,7 +11,6 @@ embedding row (``v := v Q``): ``RotationTargets.external_weights`` kind ``"row"`
 """
 from __future__ import annotations
 
-
 from llmc.models.llava import LlavaAdapter
 from llmc.models.registry import register_adapter
 

@@ -26,7 +26,6 @@ from llmc.models.llava import LlavaAdapter
 from llmc.models.registry import register_adapter
 
 
-
 @register_adapter
 class PaliGemmaAdapter(LlavaAdapter):
     model_type = "paligemma"

@@ -309,5 +309,5 @@ def tiny_image(path: str | Path, size: tuple[int, int] = (56, 56), seed: int = 0
 # More VLM families live in llmc.testing.tiny_more, which adds its builders to _BUILDERS on import
 # (FAMILIES keeps the original list; tiny_more.ALL_FAMILIES is the union).
 import llmc.testing.tiny_more  # noqa: E402,F401
-import llmc.testing.tiny_vila  # noqa: E402,F401  (the vila_tiny family, defined outside transformers)
 import llmc.testing.tiny_more2  # noqa: E402,F401
+import llmc.testing.tiny_vila  # noqa: E402,F401  (the vila_tiny family, defined outside transformers)

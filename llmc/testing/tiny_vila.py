@@ -14,7 +14,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from transformers import LlavaProcessor, Qwen2Config, SiglipImageProcessor, SiglipVisionConfig
+from transformers import (
+    LlavaProcessor,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
 
 from llmc.testing import tiny_models as tm
 from llmc.testing import tiny_tokenizers as tt
