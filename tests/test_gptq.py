@@ -329,10 +329,14 @@ def test_sub_blocks_change_speed_only(monkeypatch, spec: QuantSpec) -> None:
     assert torch.allclose(results[0], slow_gptq(W, H, spec), atol=1e-6)
 
 
-def test_bfloat16_hessian_is_close_to_float32() -> None:
-    """``hessian_dtype: bfloat16``: each batch's product rounded to bf16, accumulated in float32."""
+@pytest.mark.parametrize("band", [512, 16, 7])
+def test_bfloat16_hessian_is_close_to_float32(band, monkeypatch) -> None:
+    """``hessian_dtype: bfloat16``: each batch's product rounded to bf16, accumulated in float32, in bands
+    of ``BAND`` rows (48 columns: one band, three, seven uneven ones)."""
+    from llmc.algorithms import gptq
     from llmc.algorithms.gptq import HessianStats
 
+    monkeypatch.setattr(gptq, "BAND", band)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(1, 64, 48, generator=g).to(torch.bfloat16) for _ in range(8)]
     full, fast = HessianStats(48), HessianStats(48, compute_dtype=torch.bfloat16)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from loguru import logger
@@ -55,11 +55,10 @@ from llmc.quant.fake_linear import FakeQuantLinear
 from llmc.quant.primitives import QuantSpec, compute_qparams, dequantize, qrange
 from llmc.strict import ConfigError
 
-if TYPE_CHECKING:
-    pass
-
-
 # ----------------------------------------------------------------- statistics
+BAND = 512  # rows of X^T X computed at once in a low-precision compute_dtype
+
+
 class HessianStats:
     """Running ``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows; each batch's product
     in ``compute_dtype`` (float32, or bfloat16 for speed)."""
@@ -90,8 +89,10 @@ class HessianStats:
         self.H.mul_(self.n / total)
         if self.compute_dtype == torch.float32:
             self.H.addmm_(rows.t(), rows, alpha=2.0 / total)
-        else:
-            self.H.add_((rows.t() @ rows).float(), alpha=2.0 / total)
+        else:  # bands of output rows: a small float32 copy at a time (and faster: they stay in cache)
+            cols = rows.t()
+            for r in range(0, cols.shape[0], BAND):
+                self.H[r:r + BAND].add_((cols[r:r + BAND] @ rows).float(), alpha=2.0 / total)
         self.n = total
 
     def combine(self, owners: set[int]) -> None:
