@@ -66,10 +66,10 @@ def measure(cmd: list[str], env: dict) -> dict:
     return {"rss_gib": usage.ru_maxrss / 2**20, "wall": time.time() - t0, "cpu": usage.ru_utime + usage.ru_stime}
 
 
-def job(model: Path, calib: str, save: Path, stream: bool) -> dict:
+def job(model: Path, calib: str, save: Path, stream: bool, method: str = "GPTQ") -> dict:
     return {"model": {"type": "qwen2_vl", "path": str(model), "dtype": "bfloat16"},
             "calib": {"name": "custom_mm", "path": calib, "n_samples": 16, "bs": 4, "seq_len": 256},
-            "quant": {"method": "GPTQ", "quant_objects": ["language"],
+            "quant": {"method": method, "quant_objects": ["language"],
                       "weight": {"bit": 4, "symmetric": True, "group_size": 128}},
             "save": {"save_path": str(save), "save_fake": True}, "run": {"stream": stream}}
 
@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--layers", default="4,8,16,32")
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--method", default="GPTQ", help="GPTQ, or RTN: the floor without GPTQ's Hessians")
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -121,6 +122,7 @@ def main() -> None:
     base = measure([sys.executable, "-c", IMPORTS], env)
     print(f"baseline (imports only): {base['rss_gib']:.2f} GiB; activations: 16 samples x <=256 tokens x "
           f"{a.hidden} (bf16) = {16 * 256 * a.hidden * 2 / 2**20:.1f} MiB at most")
+    print(f"method: {a.method} W4A16 g128, language model; hidden {a.hidden}, intermediate {a.intermediate}")
     print("| layers | block MiB | non-block MiB | path | peak RSS GiB | model memory GiB | bound GiB | wall s | CPU s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in [int(x) for x in a.layers.split(",")]:
@@ -129,9 +131,9 @@ def main() -> None:
         bound = 1.3 * (sz["block_mib"] + sz["rest_mib"] + 16 * 256 * a.hidden * 2 / 2**20) / 1024
         outs = {}
         for stream in (True, False):
-            save = a.work / f"out-l{n}-{'stream' if stream else 'eager'}"
-            cfg = a.work / f"job-l{n}-{stream}.yml"
-            cfg.write_text(yaml.safe_dump(job(model, calib, save, stream)))
+            save = a.work / f"out-{a.method}-l{n}-{'stream' if stream else 'eager'}"
+            cfg = a.work / f"job-{a.method}-l{n}-{stream}.yml"
+            cfg.write_text(yaml.safe_dump(job(model, calib, save, stream, a.method)))
             r = measure([sys.executable, "-m", "llmc", str(cfg), "--overwrite"], env)
             outs[stream] = save / "fake"
             print(f"| {n} | {sz['block_mib']:.0f} | {sz['rest_mib']:.0f} | {'streamed' if stream else 'eager'} | "
