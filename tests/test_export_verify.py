@@ -69,3 +69,10 @@ def test_a_wrong_compressed_export_fails_after_reloading(tmp_path, tiny_model, c
 def test_correct_exports_pass_the_reload(tmp_path, tiny_model, calib_dir):
     assert main([job(tmp_path, tiny_model, calib_dir, False, save_vllm=True, save_autoawq=True, save_gptq=True)]) == 0
     assert "vllm/ reloaded by transformers: logits within 0" in (tmp_path / "out" / "llmc.log").read_text()
+
+
+def test_packed_vision_warns_about_gptqmodel(tmp_path, tiny_model, calib_dir):
+    """``save.pack_vision``: GPTQModel 7.7 outputs NaN with packed vision towers (docs/runtimes.md); the log says so."""
+    assert main([job(tmp_path, tiny_model, calib_dir, True, save_autoawq=True, pack_vision=True)]) == 0
+    log = (tmp_path / "out" / "llmc.log").read_text()
+    assert "save_autoawq: save.pack_vision packs the vision tower; vLLM serves it, GPTQModel 7.7 ignores" in log

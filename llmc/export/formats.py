@@ -8,7 +8,7 @@ key            folder      format
 save_vllm      vllm        compressed-tensors (pack-quantized / int-quantized)
 save_sgl       sgl         compressed-tensors (same files; SGLang reads them)
 save_autoawq   autoawq     AutoAWQ GEMM (w4 asymmetric per-group only)
-save_gptq      gptq        GPTQ v1 (``checkpoint_format: gptq``)
+save_gptq      gptq        GPTQ (``save.gptq_format``: auto = v1 sym / v2 asym)
 save_gguf      gguf        GGUF for llama.cpp: ``model.gguf`` + ``mmproj.gguf`` (Q4_0/Q4_1/Q8_0)
 =============  ==========  =========================================================
 

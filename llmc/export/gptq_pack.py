@@ -1,4 +1,5 @@
-"""GPTQ checkpoints (``save_gptq``): AutoGPTQ / GPTQModel layout, ``checkpoint_format`` ``gptq`` (v1).
+"""GPTQ checkpoints (``save_gptq``): AutoGPTQ / GPTQModel layout, ``checkpoint_format`` ``gptq`` (v1) or
+``gptq_v2`` (``save.gptq_format``; ``auto``: v1 when symmetric, v2 when asymmetric).
 
 Layout of one linear ``[out, in]`` with ``b`` bits (``k = 32 / b`` per word), ``G`` groups:
 

@@ -24,6 +24,7 @@ from llmc.export.gptq_pack import GPTQExport
 from llmc.export.hf import FakeExport
 from llmc.export.trans_tpu import TransExport
 from llmc.export.writer import FolderWriter
+from llmc.plan import Part
 
 if TYPE_CHECKING:
     from llmc.config import SaveConfig
@@ -61,6 +62,9 @@ class JobOutputs:
 
     def _make(self, key: str, layers: list["LayerPlan"], save: "SaveConfig") -> Export:
         cls = BUILDERS[key][1]
+        if cls in (AWQExport, GPTQExport) and save.pack_vision and any(lp.part is Part.VISION for lp in layers):
+            logger.warning(f"{key}: save.pack_vision packs the vision tower; vLLM serves it, GPTQModel 7.7 ignores "
+                           "packed vision tensors and outputs NaN (docs/runtimes.md): leave it off for GPTQModel")
         if cls is TransExport:
             return TransExport(self.adapter, save.tpu_check, layers)
         if cls is AWQExport:

@@ -4,8 +4,8 @@ Models (random, seeded, float32, built with transformers' real classes and llmc'
 processor): ``qwen2_vl`` (text hidden 512 x 4 layers, 8 heads / 2 KV heads, vision 256 x 2 blocks)
 and ``qwen2`` (the same text model alone). Quantization is llmc's own (``runner.quantize_model``,
 RTN: the formats are under test, not the algorithm); the exporters are called as the runner calls
-them (``EXPORTERS``), plus the options a config cannot ask for yet (``checkpoint_format="gptq_v2"``,
-``quantize_vision=True``).
+them (``EXPORTERS``), with the ``save`` options a config sets: ``save.gptq_format``
+(``gptq-<format>`` exports) and ``save.pack_vision: true`` (``+vis`` exports).
 """
 from __future__ import annotations
 
