@@ -95,17 +95,27 @@ def sizes(model: Path) -> dict:
 
 
 def same_weights(a: Path, b: Path) -> bool:
+    """Both folders hold the same tensors, bit for bit (read one tensor at a time: this process stays small)."""
     import torch
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
-    def tensors(folder: Path) -> dict:
-        files = sorted(folder.glob("*.safetensors"))
-        return {k: v for f in files for k, v in load_file(f).items()}
-    x, y = tensors(a), tensors(b)
-    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    def index(folder: Path) -> dict:
+        return {k: f for f in sorted(folder.glob("*.safetensors")) for k in safe_open(f, "pt").keys()}
+    x, y = index(a), index(b)
+    if x.keys() != y.keys():
+        return False
+    for k in x:
+        with safe_open(x[k], "pt") as fa, safe_open(y[k], "pt") as fb:
+            if not torch.equal(fa.get_tensor(k), fb.get_tensor(k)):
+                return False
+    return True
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--build"]:
+        work, n, hidden, inter = sys.argv[2:6]
+        build(Path(work), int(n), int(hidden), int(inter))
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/llmc-stream-memory"))
     p.add_argument("--layers", default="4,8,16,32")
@@ -126,7 +136,11 @@ def main() -> None:
     print("| layers | block MiB | non-block MiB | path | peak RSS GiB | model memory GiB | bound GiB | wall s | CPU s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in [int(x) for x in a.layers.split(",")]:
-        model = build(a.work, n, a.hidden, a.intermediate)
+        # built in a child: a parent that held the model would lend its peak RSS to every job it starts
+        # (Linux keeps the forked copy's high-water mark in the child's ru_maxrss across exec)
+        subprocess.run([sys.executable, __file__, "--build", str(a.work), str(n), str(a.hidden), str(a.intermediate)],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        model = a.work / f"qwen2vl-h{a.hidden}-l{n}"
         sz = sizes(model)
         bound = 1.3 * (sz["block_mib"] + sz["rest_mib"] + 16 * 256 * a.hidden * 2 / 2**20) / 1024
         outs = {}
