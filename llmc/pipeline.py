@@ -6,6 +6,7 @@ on CPU. Each block's quantized outputs feed the next block.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -19,6 +20,7 @@ from llmc import distributed as dist
 from llmc.context import BlockContext, CachedCall, hidden_input, to_device
 from llmc.offload import ActivationStore
 from llmc.plan import Part, QuantPlan
+from llmc.quant.fake_linear import fake_quant_off
 
 if TYPE_CHECKING:
     from llmc.algorithms.base import Algorithm
@@ -203,7 +205,8 @@ def process_blocks(adapter: "ModelAdapter", part: str, calls: list[CachedCall], 
                            layout=adapter.block_layout(part, block), calls=block_calls, device=device, plan=plan,
                            store=store)
         algorithm.process_block(ctx)
-        outs = ctx.run()
+        with fake_quant_off(block) if algorithm.propagates_float() else contextlib.nullcontext():
+            outs = ctx.run()
         calls = [_keep(c, adapter.between_blocks(part, i, o, c.extras), store) for c, o in zip(calls, outs)]
         if dist.active():  # every rank continues with the same block, bit for bit
             dist.check_same(sum(dist.checksum(t) for t in block.state_dict().values()),

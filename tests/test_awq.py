@@ -473,3 +473,43 @@ def test_search_calls_subsets_the_grid_loss(monkeypatch):
         scales[n] = algo.record.scales["blk.0.mlp_in"]
     assert [len(run) for run in seen] == [5, 5, 3]
     assert torch.equal(scales[None], scales[5])
+
+
+@pytest.mark.parametrize("propagate", ["quantized", "float"])
+def test_propagate_chooses_what_the_next_block_sees(tiny_model, calib_dir, monkeypatch, propagate):
+    """``propagate: float``: block 1 is calibrated on the float model's block-1 inputs (the scaled float
+    block computes the float function); ``quantized``: on the quantized block 0's outputs."""
+    from llmc import runner
+    from llmc.config import parse_config
+    from llmc.models import load_adapter
+
+    tiny = tiny_model("qwen2_vl")
+    cfg = parse_config({"model": {"type": "qwen2_vl", "path": str(tiny), "dtype": "float32"},
+                        "calib": {"name": "custom_mm", "path": str(calib_dir), "n_samples": 2, "bs": 2},
+                        "quant": {"method": "AWQ", "special": {"propagate": propagate, "weight_clip": False},
+                                  "quant_objects": ["language"], "weight": {"bit": 3, "group_size": 32}},
+                        "save": {"save_path": "unused"}, "run": {"device": "cpu"}})
+    adapter = load_adapter("qwen2_vl", str(tiny), "float32")
+    batches = runner.calibration_batches(cfg, adapter)
+    float_in: list[torch.Tensor] = []
+    hook = adapter.blocks("language")[1].register_forward_pre_hook(
+        lambda m, args, kwargs: float_in.append((args[0] if args else kwargs["hidden_states"]).clone()),
+        with_kwargs=True)
+    with torch.no_grad():
+        for b in batches:
+            adapter.model(**b)
+    hook.remove()
+    seen: list[torch.Tensor] = []
+    real = AWQ.process_block
+
+    def spy(self, ctx):
+        if ctx.index == 1:
+            seen.extend(hidden_input(c.args, c.kwargs).clone() for c in ctx.calls)
+        return real(self, ctx)
+    monkeypatch.setattr(AWQ, "process_block", spy)
+    runner.quantize_model(cfg, adapter, CPU, batches=batches)
+    diff = max(float((s - f).abs().max() / f.abs().max()) for s, f in zip(seen, float_in))
+    if propagate == "float":
+        assert diff < 1e-4, diff
+    else:
+        assert diff > 1e-3, diff

@@ -17,6 +17,9 @@ separate and can be replayed from a saved record (``load_scales``).
 * ``search_calls`` (null): how many calibration batches (evenly strided) the scale search's loss runs
   on; null: all of them (the means are always over all). Fewer is faster; the measured effect is in
   docs/performance.md.
+* ``propagate`` ("quantized"): the next block's inputs come from the quantized block (its error
+  propagates), or from the scaled float block ("float": llm-awq and llm-compressor do this, each block
+  is calibrated on the float model's activations). The measured effect is in docs/performance.md.
 * ``weight_clip`` (true): search clipping ratios (llm-awq's ``auto_clip``).
 * ``clip_sym`` (true): one ratio per (row, group) shrinks both ends of the range
   (``compute_qparams``'s ``clip``). False, for asymmetric weights only, refines it
@@ -78,6 +81,7 @@ class AWQOptions:
     trans_version: Literal["v1", "v2"] = "v2"
     n_grid: int = 20
     search_calls: int | None = None
+    propagate: Literal["quantized", "float"] = "quantized"
     weight_clip: bool = True
     clip_sym: bool = True
     clip_grid: int = 20
@@ -343,6 +347,9 @@ class AWQ(Algorithm):
             self._clip_block(ctx)
         for name in ctx.layout.linears():
             ctx.quantize(name)
+
+    def propagates_float(self) -> bool:
+        return self.options.propagate == "float"
 
     def _scale_group(self, ctx: BlockContext, group: LayerGroup) -> None:
         """Search the group's scales on freshly recorded calls (earlier folds included), then fold them."""

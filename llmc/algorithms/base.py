@@ -65,6 +65,11 @@ class Algorithm:
         """Calibration data is needed unless the algorithm needs none or replays a record."""
         return self.needs_calib and self.load_path is None
 
+    def propagates_float(self) -> bool:
+        """Whether the next block's inputs come from this block's float (transformed, not rounded)
+        weights rather than its quantized ones (default: quantized, the error propagates)."""
+        return False
+
     def prepare_model(self, adapter: "ModelAdapter", device: torch.device) -> None:
         """Whole-model transform before the block loop (default: nothing)."""
 

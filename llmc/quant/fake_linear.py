@@ -8,7 +8,8 @@ GPTQ's error compensation); ``enabled=False`` evaluates the transformed model.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,3 +110,17 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> int:
             m.enabled = enabled
             n += 1
     return n
+
+
+@contextmanager
+def fake_quant_off(model: nn.Module) -> Iterator[None]:
+    """Every ``FakeQuantLinear`` in ``model`` computes with its float weight inside the block, as before."""
+    layers = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, e in zip(layers, before):
+            m.enabled = e
