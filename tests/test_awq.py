@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from llmc.algorithms import awq
+from llmc.algorithms import awq, awq_clip
 from llmc.algorithms import build_algorithms as runner_build
 from llmc.algorithms.awq import AWQ, AWQOptions
 from llmc.algorithms.rtn import RTN
@@ -126,14 +126,14 @@ def test_clipped_qparams_matches_compute_qparams_and_separate_ends():
     w = torch.randn(8, 64)
     spec = QuantSpec(bits=3, symmetric=False, group_size=32)
     r = torch.rand(8, 2) * 0.5 + 0.5
-    a = awq.clipped_qparams(w, spec, r)
-    b = awq.clipped_qparams(w, spec, torch.stack([r, r], -1))
+    a = awq_clip.clipped_qparams(w, spec, r)
+    b = awq_clip.clipped_qparams(w, spec, torch.stack([r, r], -1))
     ref = compute_qparams(w, spec, r)
     for x, y, z in zip(a, b, ref):
         assert torch.allclose(x, z) and torch.allclose(y, z)
     # max side only: by hand for one group
     pair = torch.stack([r, torch.ones_like(r)], -1)
-    scale, zero = awq.clipped_qparams(w, spec, pair)
+    scale, zero = awq_clip.clipped_qparams(w, spec, pair)
     g = w[0, :32]
     s_hand = (g.max().clamp(min=0) * r[0, 0] - g.min().clamp(max=0)) / 7
     assert torch.allclose(scale[0, 0], s_hand)
@@ -147,12 +147,12 @@ def test_search_clip_matches_slow_loop(separate):
     w, x = torch.randn(6, 32), torch.randn(40, 32)
     xw = torch.rand(40)
     ratios = torch.linspace(1.0, 0.5, 6)
-    got = awq.search_clip(w, x, spec, ratios, xw, separate=separate)
+    got = awq_clip.search_clip(w, x, spec, ratios, xw, separate=separate)
 
     def err(row, grp, rmax, rmin):  # plain loops: one (row, group) at a time
         wg = w[row, 16 * grp:16 * grp + 16][None]
         sub = QuantSpec(bits=3, symmetric=False, granularity="per_channel")
-        sc, z = awq.clipped_qparams(wg, sub, torch.tensor([[[rmax, rmin]]]))
+        sc, z = awq_clip.clipped_qparams(wg, sub, torch.tensor([[[rmax, rmin]]]))
         d = fake_quantize(wg, sc, z, sub) - wg
         return float(((x[:, 16 * grp:16 * grp + 16] @ d.T).squeeze(1).pow(2) * xw).sum() / xw.sum())
 
@@ -165,7 +165,7 @@ def test_search_clip_matches_slow_loop(separate):
             else:  # never worse than the shared ratio
                 e = err(row, grp, *got[row, grp].tolist())
                 assert e <= errs[best] + 1e-6
-    assert torch.all(awq.clip_error(w, x, spec, got, xw) <= awq.clip_error(w, x, spec, torch.ones(6, 2), xw) + 1e-6)
+    assert torch.all(awq_clip.clip_error(w, x, spec, got, xw) <= awq_clip.clip_error(w, x, spec, torch.ones(6, 2), xw) + 1e-6)
     assert not separate or (got[..., 0] != got[..., 1]).any()  # the refinement does separate the ends
 
 

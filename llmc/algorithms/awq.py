@@ -5,7 +5,7 @@ scales ``s`` that minimise the quantized output error of the group's
 ``inspect`` module and fold them exactly (``x / s`` at the producer,
 ``W * s`` in the consumers); (2) search a weight clipping ratio per (output
 row, quantization group); (3) quantize every linear. Searches are pure
-functions (``search_scales``, ``search_clip``); folding and quantizing are
+functions (``search_scales``; ``search_clip`` in ``awq_clip.py``); folding and quantizing are
 separate and can be replayed from a saved record (``load_scales``).
 
 ``quant.special`` keys:
@@ -55,6 +55,7 @@ import torch
 from loguru import logger
 
 from llmc import distributed as dist
+from llmc.algorithms.awq_clip import clipped_qparams, search_clip
 from llmc.algorithms.base import Algorithm, register_algorithm
 from llmc.algorithms.records import AWQRecord
 from llmc.context import BlockContext, first_tensor, flatten_rows, hidden_input
@@ -62,8 +63,6 @@ from llmc.models.layout import LayerGroup
 from llmc.plan import Role
 from llmc.quant.primitives import (
     QuantSpec,
-    compute_qparams,
-    fake_quantize,
     rtn_fake_quantize,
     to_groups,
 )
@@ -148,72 +147,6 @@ def search_scales(x_mean: torch.Tensor, loss_fn: LossFn, n_grid: int,
         if loss < best_loss:
             best, best_ratio, best_loss = s, ratio, loss
     return best, best_ratio, losses
-
-
-# ------------------------------------------------------------------------------------ clip search
-def clipped_qparams(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quant params with clipping ratios: ``[out, G]`` shared, or ``[out, G, 2]`` (max side, min side)."""
-    clip = torch.as_tensor(clip, dtype=torch.float32, device=w.device)
-    if clip.dim() < 3:
-        return compute_qparams(w, spec, clip)
-    return compute_qparams(w, spec, clip[..., 0], None if spec.symmetric else clip[..., 1])
-
-
-def clip_error(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, clip: torch.Tensor,
-               x_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``[out, G]``: weighted mean over rows of ``(x_g . (fq(w)_g - w_g))^2`` per (row, group).
-
-    Distributed: the weighted sums over rows and the total row weight are summed over ranks."""
-    scale, zero = clipped_qparams(w, spec, clip)
-    gl = spec.group_len(w.shape[1])
-    d = to_groups(fake_quantize(w.float(), scale, zero, spec) - w.float(), gl)  # [o, G, gl]
-    xg = x.float().reshape(x.shape[0], -1, gl)  # [T, G, gl]
-    out = torch.einsum("tgl,ogl->otg", xg, d).pow(2)  # [o, T, G]
-    if dist.active():
-        num = out.sum(1) if x_weight is None else (out * x_weight[None, :, None]).sum(1)
-        den = float(x.shape[0]) if x_weight is None else float(x_weight.sum())
-        return dist.all_reduce_sum(num) / max(dist.sum_float(den), 1e-12)
-    if x_weight is None:
-        return out.mean(1)
-    return (out * x_weight[None, :, None]).sum(1) / x_weight.sum().clamp(min=1e-12)
-
-
-def _best_over(err_fn: Callable[[torch.Tensor], torch.Tensor], base: torch.Tensor, ratios: torch.Tensor,
-               side: int | None) -> torch.Tensor:
-    """Per-(row, group) best clip: every ratio on ``side`` (None: the whole entry), starting from ``base``."""
-    best = base.clone()
-    best_err = err_fn(base) if side is not None else torch.full(base.shape, float("inf"), device=base.device)
-    for r in ratios.tolist():
-        cand = base.clone()
-        if side is None:
-            cand.fill_(r)
-        else:
-            cand[..., side] = r
-        err = err_fn(cand)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best[better] = cand[better]
-    return best
-
-
-def search_clip(w: torch.Tensor, x: torch.Tensor, spec: QuantSpec, ratios: torch.Tensor,
-                x_weight: torch.Tensor | None = None, separate: bool = False) -> torch.Tensor:
-    """Clip ratios minimising ``clip_error``: ``[out, G]``, or ``[out, G, 2]`` when ``separate`` (asymmetric)."""
-    out_f, in_f = w.shape
-    n_groups = in_f // spec.group_len(in_f)
-    chunk = max(1, min(out_f, 2**24 // max(1, x.shape[0] * n_groups)))
-    res = []
-    for o in range(0, out_f, chunk):
-        wc = w[o:o + chunk].float()
-        def err(c, wc=wc):
-            return clip_error(wc, x, spec, c, x_weight)
-        best = _best_over(err, torch.ones(wc.shape[0], n_groups, device=w.device), ratios, None)
-        if separate and not spec.symmetric:
-            best = torch.stack([best, best], dim=-1)
-            for side in (1, 0):
-                best = _best_over(err, best, ratios, side)
-        res.append(best)
-    return torch.cat(res)
 
 
 def search_subset(count: int, n: int) -> list[int]:
