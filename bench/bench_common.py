@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,20 @@ def set_threads(n: int = 1) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # already set (torch allows it once)
         pass
+
+
+class Phases:
+    """Wall and process CPU seconds of consecutive phases: ``mark(name)`` ends the phase begun at the
+    previous mark (or at creation); ``times`` maps each name to ``{"wall_s", "cpu_s"}``."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, dict[str, float]] = {}
+        self._clock = (time.perf_counter(), time.process_time())
+
+    def mark(self, name: str) -> None:
+        now = (time.perf_counter(), time.process_time())
+        self.times[name] = {"wall_s": round(now[0] - self._clock[0], 2), "cpu_s": round(now[1] - self._clock[1], 2)}
+        self._clock = now
 
 
 def _key(obj: Any) -> str:

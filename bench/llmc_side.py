@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +66,7 @@ def main(job_path: str) -> None:
     bc.set_threads(1)
     job = json.loads(Path(job_path).read_text())
     out = Path(job["out"])
-    phases: dict[str, dict[str, float]] = {}
-    clock = [time.perf_counter(), time.process_time()]
-
-    def mark(name: str) -> None:
-        now = [time.perf_counter(), time.process_time()]
-        phases[name] = {"wall_s": round(now[0] - clock[0], 2), "cpu_s": round(now[1] - clock[1], 2)}
-        clock[:] = now
+    phases = bc.Phases()
 
     raw = llmc_config(job)
     cfg = parse_config(raw)
@@ -82,16 +75,16 @@ def main(job_path: str) -> None:
     # llmc runs in a venv without torchvision too (the peer's, for a same-stack control run)
     Qwen2VLAdapter.load_processor = lambda self: bc.load_processor(self.path)
     adapter = load_adapter("qwen2_vl", job["model"], cfg.model.dtype, cfg.model.attn_implementation)
-    mark("load")
+    phases.mark("load")
     batches = calibration_batches(cfg, adapter)
-    mark("data")
+    phases.mark("data")
     with torch.no_grad():
         quantize_model(cfg, adapter, torch.device("cpu"), batches=batches)
-    mark("quantize")
+    phases.mark("quantize")
     n = bc.save_language_weights(export_state_dict(adapter.model, fake=True), out / "dequant.safetensors")
-    mark("save")
+    phases.mark("save")
     bc.write_json(out / "result.json", {
-        "tool": "llmc", "algo": job["algo"], "phases": phases, "fingerprint": bc.fingerprint(batches),
+        "tool": "llmc", "algo": job["algo"], "phases": phases.times, "fingerprint": bc.fingerprint(batches),
         "n_batches": len(batches), "saved_tensors": n, "versions": bc.versions(),
         "attn_implementation": adapter.model.config._attn_implementation,
         "image_processor": type(adapter.processor.image_processor).__name__,

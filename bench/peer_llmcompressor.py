@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,13 +96,7 @@ def main(job_path: str) -> None:
     if job["bs"] != 1:
         raise ValueError("the peer side calibrates with batch size 1 (llm-compressor's default)")
     patched = patch_pin_memory()
-    phases: dict[str, dict[str, float]] = {}
-    clock = [time.perf_counter(), time.process_time()]
-
-    def mark(name: str) -> None:
-        now = [time.perf_counter(), time.process_time()]
-        phases[name] = {"wall_s": round(now[0] - clock[0], 2), "cpu_s": round(now[1] - clock[1], 2)}
-        clock[:] = now
+    phases = bc.Phases()
 
     torch.manual_seed(42)
     model = Qwen2VLForConditionalGeneration.from_pretrained(job["model"], dtype=torch.bfloat16,
@@ -111,17 +104,17 @@ def main(job_path: str) -> None:
     model.eval()
     float_keys = set(model.state_dict())
     processor = bc.load_processor(job["model"])
-    mark("load")
+    phases.mark("load")
     batches = bc.encode_folder(processor, job["calib"], job["n_calib"], job["seq_len"])
-    mark("data")
+    phases.mark("data")
     oneshot(model=model, processor=processor, recipe=recipe(job["algo"]),
             dataset=DataLoader(batches, batch_size=None, shuffle=False),
             pipeline="sequential", sequential_targets=["Qwen2VLDecoderLayer"])
-    mark("quantize")
+    phases.mark("quantize")
     n = bc.save_language_weights(dequantized_state(model, float_keys), out / "dequant.safetensors")
-    mark("save")
+    phases.mark("save")
     bc.write_json(out / "result.json", {
-        "tool": "llm-compressor", "algo": job["algo"], "phases": phases, "fingerprint": bc.fingerprint(batches),
+        "tool": "llm-compressor", "algo": job["algo"], "phases": phases.times, "fingerprint": bc.fingerprint(batches),
         "n_batches": len(batches), "saved_tensors": n, "versions": bc.versions(),
         # llm-compressor's calibration_forward_context forces eager attention while calibrating
         "attn_implementation": f"eager in calibration (loaded {model.config._attn_implementation})",

@@ -169,3 +169,15 @@ def nan_report(model: Any) -> list[str]:
         if t.is_floating_point() and t.numel() and not torch.isfinite(t).all():
             bad.append(name)
     return bad
+
+
+def report_and_score(model: Any, job: dict[str, Any], res: dict[str, Any], load_s: float) -> None:
+    """After a runtime loaded ``model``: its load time, linear classes and non-finite tensors go into the
+    notes, then every prompt is scored."""
+    res["load_s"] = round(load_s, 1)
+    kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
+    res["notes"].append(f"linear classes: {', '.join(kinds)}")
+    bad = nan_report(model)
+    if bad:
+        res["notes"].append(f"non-finite tensors after load: {len(bad)}, e.g. {bad[:3]}")
+    score_all(model, load_processor(job["folder"], job.get("images", False)), job, res)

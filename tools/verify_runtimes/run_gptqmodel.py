@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_processor, nan_report, run_main, score_all, torch_dtype
+from common import report_and_score, run_main, torch_dtype
 
 
 def runner(job: dict[str, Any], res: dict[str, Any]) -> None:
@@ -22,14 +22,7 @@ def runner(job: dict[str, Any], res: dict[str, Any]) -> None:
         kwargs["backend"] = BACKEND[job["backend"]]
     t0 = time.time()
     qmodel = GPTQModel.load(job["folder"], **kwargs)
-    res["load_s"] = round(time.time() - t0, 1)
-    model = qmodel.model.eval()
-    kinds = sorted({type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__})
-    res["notes"].append(f"linear classes: {', '.join(kinds)}")
-    bad = nan_report(model)
-    if bad:
-        res["notes"].append(f"non-finite tensors after load: {len(bad)}, e.g. {bad[:3]}")
-    score_all(model, load_processor(job["folder"], job.get("images", False)), job, res)
+    report_and_score(qmodel.model.eval(), job, res, time.time() - t0)
 
 
 if __name__ == "__main__":
