@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,3 +51,13 @@ def calib_dir(tmp_path_factory) -> Path:
     from llmc.data.mme_synth import generate
 
     return generate(tmp_path_factory.mktemp("calib") / "mme_calib", "calib", n_images=6, seed=0)
+
+
+@pytest.fixture
+def restore_logging():
+    """Put loguru back to one INFO sink on stderr after a test that ran a CLI job (it adds its own sinks)."""
+    yield
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="INFO")

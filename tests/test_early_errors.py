@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from loguru import logger
 
 from llmc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    yield
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: the CLI job adds log sinks
 
 
 @pytest.fixture

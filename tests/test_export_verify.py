@@ -1,23 +1,15 @@
 """An export that does not compute what the fake-quant model computes fails the job, naming the layers."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import yaml
-from loguru import logger
 
 import llmc.export.awq_gemm as awq_gemm
 import llmc.export.compressed as compressed
 from llmc.cli import main
 from llmc.export.atomic import read_marker
 
-
-@pytest.fixture(autouse=True)
-def restore_logging():
-    yield
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: the CLI job adds log sinks
 
 
 def job(tmp_path, tiny_model, calib_dir, stream: bool, **save) -> str:

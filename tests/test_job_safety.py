@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from loguru import logger
 
 from llmc.cli import main
 from llmc.export.atomic import MARKER, read_marker
@@ -31,11 +30,7 @@ def tree_digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    yield
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: the CLI job adds log sinks
 
 
 @pytest.fixture

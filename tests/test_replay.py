@@ -2,12 +2,9 @@
 ``load_state`` and no calibration data writes exactly the first job's fake-quant weights."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import yaml
-from loguru import logger
 from safetensors.torch import load_file
 
 from llmc.algorithms.records import AWQRecord, GPTQRecord, SmoothQuantRecord
@@ -24,11 +21,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    yield
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: the CLI job adds log sinks
 
 
 @pytest.mark.parametrize("method", sorted(CASES))

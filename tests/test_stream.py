@@ -3,12 +3,10 @@ writes the same tensors as the eager one; what cannot stream says why."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 import yaml
-from loguru import logger
 from safetensors.torch import load_file
 
 from llmc.cli import main
@@ -18,11 +16,7 @@ from llmc.testing import vlm_families
 FAMILIES = {**vlm_families(), "qwen2": "qwen2", "llama": "llama"}
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    yield
-    logger.remove()
-    logger.add(sys.stderr, level="INFO")
+pytestmark = pytest.mark.usefixtures("restore_logging")  # conftest: the CLI job adds log sinks
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
