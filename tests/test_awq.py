@@ -513,3 +513,24 @@ def test_propagate_chooses_what_the_next_block_sees(tiny_model, calib_dir, monke
         assert diff < 1e-4, diff
     else:
         assert diff > 1e-3, diff
+
+
+def test_scale_search_scores_the_weights_that_fold_stores():
+    """In a bf16 model ``fold_scales`` stores ``W * s`` rounded to bf16, and that is what gets quantized; the
+    search's ``fq(W * s) / s`` quantizes the same rounded weights (unrounded ones move group min/max)."""
+    torch.manual_seed(0)
+    block = nn.Module()
+    block.norm = nn.LayerNorm(256).to(torch.bfloat16)
+    block.mlp = nn.Module()
+    block.mlp.a = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    block.mlp.b = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    spec = QuantSpec(bits=4, symmetric=False, group_size=128)
+    w0 = block.mlp.a.weight.detach().clone()
+    s = awq.grid_scales(torch.rand(256) * 10 + 0.1, 0.6)
+    fold_scales(block, TOY_LAYOUT.groups[0], s)
+    folded = block.mlp.a.weight.detach().float()
+    from_fold = (fake_quantize(folded, *compute_qparams(folded, spec), spec) / s[None, :]).to(torch.bfloat16)
+    assert torch.equal(awq._scaled_fq(w0, spec, s), from_fold)
+    unrounded = w0.float() * s[None, :]
+    assert not torch.equal(from_fold, (fake_quantize(unrounded, *compute_qparams(unrounded, spec), spec)
+                                       / s[None, :]).to(torch.bfloat16))

@@ -187,9 +187,14 @@ def clip_skipped(ctx: BlockContext) -> set[str]:
 
 
 def _scaled_fq(w0: torch.Tensor, spec: QuantSpec, s: torch.Tensor) -> torch.Tensor:
-    """``fq(W * s) / s`` in ``w0``'s dtype: a consumer's weight while scale ``s`` is tried."""
+    """``fq(W * s) / s`` in ``w0``'s dtype: a consumer's weight while scale ``s`` is tried.
+
+    ``W * s`` is rounded to ``w0``'s dtype first, as :func:`fold_scales` stores it: the search
+    scores the very weights that will be quantized (in a bf16 model the rounding moves the
+    min/max grid of a group, and the per-ratio losses differ by a few percent without it)."""
     sd = s.to(w0.device)[None, :]
-    return (rtn_fake_quantize(w0.float() * sd, spec) / sd).to(w0.dtype)
+    scaled = (w0.float() * sd).to(w0.dtype).float()
+    return (rtn_fake_quantize(scaled, spec) / sd).to(w0.dtype)
 
 
 def _linear_loss(lin: torch.nn.Linear, spec: QuantSpec, xs: Sequence[torch.Tensor],
