@@ -56,11 +56,25 @@ def llmc_config(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def awq_scales(adapter: Any, scales: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """llmc's AWQ record (``{block}.{group}`` -> scales) in the tools' common ``awq_scales.pt`` format:
+    producer (smooth layer) name -> ``{"scales", "consumers"}`` (bench/awq_rounding.py)."""
+    out = {}
+    for key, s in scales.items():
+        prefix, group_name = key.rsplit(".", 1)
+        layout = adapter.block_layout("language", adapter.model.get_submodule(prefix))
+        group = next(g for g in layout.groups if g.name == group_name)
+        out[f"{prefix}.{group.producer.name}"] = {"scales": s.float().cpu(),
+                                                  "consumers": [f"{prefix}.{n}" for n in group.linears]}
+    return out
+
+
 def main(job_path: str) -> None:
     from llmc.config import parse_config
     from llmc.export.hf import export_state_dict
     from llmc.models import load_adapter
     from llmc.models.qwen_vl import Qwen2VLAdapter
+    from llmc.algorithms import build_algorithms
     from llmc.runner import calibration_batches, quantize_model, seed_everything
 
     bc.set_threads(1)
@@ -78,10 +92,13 @@ def main(job_path: str) -> None:
     phases.mark("load")
     batches = calibration_batches(cfg, adapter)
     phases.mark("data")
+    algos = build_algorithms(cfg.quant)
     with torch.no_grad():
-        quantize_model(cfg, adapter, torch.device("cpu"), batches=batches)
+        quantize_model(cfg, adapter, torch.device("cpu"), batches=batches, algos=algos)
     phases.mark("quantize")
     n = bc.save_language_weights(export_state_dict(adapter.model, fake=True), out / "dequant.safetensors")
+    if job["algo"] == "awq":
+        torch.save(awq_scales(adapter, algos[-1].record.scales), out / "awq_scales.pt")
     phases.mark("save")
     bc.write_json(out / "result.json", {
         "tool": "llmc", "algo": job["algo"], "phases": phases.times, "fingerprint": bc.fingerprint(batches),

@@ -50,6 +50,23 @@ def patch_pin_memory() -> bool:
     return True
 
 
+def record_awq_scales(store: dict[str, dict[str, Any]]) -> None:
+    """Wrap ``AWQModifier._compute_best_scale`` (not edited) so that each mapping's chosen scales land
+    in ``store``: smooth layer name -> ``{"scales", "consumers"}``, the format of ``awq_scales.pt``
+    (see bench/awq_rounding.py)."""
+    from llmcompressor.modifiers.transform.awq import base
+
+    search = base.AWQModifier._compute_best_scale
+
+    def recorded(self, mapping, *args, **kwargs):
+        scales = search(self, mapping, *args, **kwargs)
+        store[mapping.smooth_name] = {"scales": scales.detach().float().cpu(),
+                                      "consumers": list(mapping.balance_names)}
+        return scales
+
+    base.AWQModifier._compute_best_scale = recorded
+
+
 def recipe(algo: str) -> Any:
     if algo == "gptq":
         from llmcompressor.modifiers.gptq import GPTQModifier
@@ -96,6 +113,9 @@ def main(job_path: str) -> None:
     if job["bs"] != 1:
         raise ValueError("the peer side calibrates with batch size 1 (llm-compressor's default)")
     patched = patch_pin_memory()
+    awq_scales: dict[str, dict[str, Any]] = {}
+    if job["algo"] == "awq":
+        record_awq_scales(awq_scales)
     phases = bc.Phases()
 
     torch.manual_seed(42)
@@ -112,6 +132,8 @@ def main(job_path: str) -> None:
             pipeline="sequential", sequential_targets=["Qwen2VLDecoderLayer"])
     phases.mark("quantize")
     n = bc.save_language_weights(dequantized_state(model, float_keys), out / "dequant.safetensors")
+    if awq_scales:
+        torch.save(awq_scales, out / "awq_scales.pt")
     phases.mark("save")
     bc.write_json(out / "result.json", {
         "tool": "llm-compressor", "algo": job["algo"], "phases": phases.times, "fingerprint": bc.fingerprint(batches),
