@@ -70,11 +70,11 @@ def awq_scales(adapter: Any, scales: dict[str, torch.Tensor]) -> dict[str, dict[
 
 
 def main(job_path: str) -> None:
+    from llmc.algorithms import build_algorithms
     from llmc.config import parse_config
     from llmc.export.hf import export_state_dict
     from llmc.models import load_adapter
     from llmc.models.qwen_vl import Qwen2VLAdapter
-    from llmc.algorithms import build_algorithms
     from llmc.runner import calibration_batches, quantize_model, seed_everything
 
     bc.set_threads(1)
