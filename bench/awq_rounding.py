@@ -18,7 +18,9 @@ evaluation (``bench_eval``: mean KL and top-1 against the float model on the hel
 * ``ct-f32``: the same functions on float32 weights;
 * ``emu:STEPS``: the library's formula in float32, with the chosen steps rounded to bf16: ``S`` the
   scale (``(max - min) / 15``), ``Z`` the zero point, ``Q`` the quotient ``w / scale``, ``A`` the sum
-  ``w / scale + zero``; ``emu:SZQA`` equals ``ct`` and ``emu:`` equals ``ct-f32``.
+  ``w / scale + zero``; ``emu:SZQA`` equals ``ct`` and ``emu:`` equals ``ct-f32``;
+* ``jitter:SEED``: llmc's RTN with each group's scale multiplied by ``1 + u * 2^-8`` (``u`` uniform in
+  [-1, 1], seeded): equally valid roundings whose spread shows the KL's sensitivity to rounding alone.
 
 Rows: each tool's scales and ``none`` (plain RTN); the tools' own outputs are evaluated alongside.
 """
@@ -92,12 +94,33 @@ def emulated_rtn(steps: str) -> Rounding:
     return rnd
 
 
+def jittered_rtn(seed: int) -> Rounding:
+    """llmc's RTN with every group's scale multiplied by ``1 + u * 2^-8``, ``u`` uniform in [-1, 1] (the
+    size of a bf16 rounding): an equally valid rounding; its spread is the metric's rounding noise."""
+    from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize
+
+    spec = QuantSpec(bits=BITS, symmetric=False, granularity="per_group", group_size=GROUP)
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(w: torch.Tensor) -> torch.Tensor:
+        wf = w.float()
+        scale, _ = compute_qparams(wf, spec)
+        scale = scale * (1 + (torch.rand(scale.shape, generator=gen) * 2 - 1) * 2**-8)
+        low = wf.reshape(w.shape[0], -1, GROUP).amin(-1).clamp(max=0)
+        zero = torch.round(-low / scale).clamp(0, 2**BITS - 1)
+        return fake_quantize(wf, scale, zero, spec).to(torch.bfloat16)
+
+    return rnd
+
+
 def rounding(name: str) -> Rounding:
     if name.startswith("emu:"):
         return emulated_rtn(name[4:])
+    if name.startswith("jitter:"):
+        return jittered_rtn(int(name[7:]))
     table = {"llmc": lambda: llmc_rtn, "ct": lambda: ct_rtn(torch.bfloat16), "ct-f32": lambda: ct_rtn(torch.float32)}
     if name not in table:
-        raise ValueError(f"unknown rounding {name!r}; valid: {sorted(table)} or emu:STEPS (S, Z, Q, A)")
+        raise ValueError(f"unknown rounding {name!r}; valid: {sorted(table)} or emu:STEPS (S, Z, Q, A) or jitter:SEED")
     return table[name]()
 
 
@@ -127,7 +150,9 @@ def main() -> None:
     import bench_eval
     from transformers import Qwen2VLForConditionalGeneration
 
-    roundings = {name: rounding(name) for name in a.roundings.split(",")}
+    roundings = a.roundings.split(",")
+    for name in roundings:
+        rounding(name)  # a bad name fails here, before the model loads
     models = sorted(p for p in a.work.glob("model-*") if p.is_dir())
     runs = sorted(a.work.glob(f"runs/*_bs1{'_' + a.tag if a.tag else ''}/{a.row}-*"))
     runs = [r for r in runs if (r / "awq_scales.pt").is_file()]
@@ -142,9 +167,9 @@ def main() -> None:
     files: dict[str, Path] = {f"{r.name} (the tool's own output)": r / "dequant.safetensors" for r in runs}
     with tempfile.TemporaryDirectory(prefix="awq-rounding-") as tmp:
         for src, scales in sources.items():
-            for rname, rnd in roundings.items():
+            for rname in roundings:  # a fresh rounding per source: jitter draws the same numbers
                 path = Path(tmp) / f"{src}_{len(files)}.safetensors"
-                bc.save_language_weights(folded_and_rounded(base, scales, rnd), path)
+                bc.save_language_weights(folded_and_rounded(base, scales, rounding(rname)), path)
                 files[f"scales {src}, rounding {rname}"] = path
         spec = json.loads((data[0] / "spec.json").read_text())
         res = bench_eval.evaluate(models[0], data[0] / "heldout", spec["n_heldout"], spec["seq_len"], files, rtn=False)
