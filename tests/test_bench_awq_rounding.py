@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import awq_rounding as ar  # noqa: E402
+import awq_rounding as ar
 
 
 def _weights() -> torch.Tensor:
@@ -28,5 +28,5 @@ def test_bf16_arithmetic_changes_codes_and_llmc_matches_float32():
     bf16, f32, llmc = ar.ct_rtn(torch.bfloat16)(w), ar.ct_rtn(torch.float32)(w), ar.llmc_rtn(w)
     assert not torch.equal(bf16, f32)
     assert (llmc != f32).float().mean() < 1e-2  # one formula; float32 sums near ties round apart
-    err = lambda q: float(((q.float() - w.float()) ** 2).sum())  # noqa: E731
+    err = lambda q: float(((q.float() - w.float()) ** 2).sum())
     assert err(llmc) <= err(bf16) * 1.01
