@@ -140,39 +140,63 @@ def folded_and_rounded(base: dict[str, torch.Tensor], scales: dict[str, dict], r
     return {k: rnd(v) if ".layers." in k and k.endswith("_proj.weight") else v for k, v in state.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, required=True, help="the --work folder of vs_llmcompressor.py")
-    ap.add_argument("--tag", default="", help="the runs' --tag")
-    ap.add_argument("--row", default="awq128", help="run name prefix (awq128: AWQ on 128 samples, awq16)")
-    ap.add_argument("--roundings", default="llmc,ct")
-    a = ap.parse_args()
+def find_runs(work: Path, tag: str, row: str) -> tuple[Path, Path, list[Path]]:
+    """The model folder, the data folder and the ``row`` runs (with ``awq_scales.pt``) of ``tag``."""
+    models = sorted(p for p in work.glob("model-*") if p.is_dir())
+    data = sorted(p for p in work.glob("data-*") if p.is_dir())
+    runs = [r for r in sorted(work.glob(f"runs/*_bs1{'_' + tag if tag else ''}/{row}-*"))
+            if (r / "awq_scales.pt").is_file()]
+    if len(models) != 1 or len(data) != 1 or not runs:
+        raise SystemExit(f"need one model-*, one data-* and runs with awq_scales.pt under {work} "
+                         f"(tag {tag!r}, row {row!r}); found {models}, {data}, {runs}")
+    return models[0], data[0], runs
+
+
+def load_sources(runs: list[Path], wanted: list[str] | None) -> dict[str, dict]:
+    """Scale source name -> ``awq_scales.pt`` content; ``none`` (plain RTN) is empty."""
+    sources = {"none": {}} | {r.name.split("-", 1)[1]: torch.load(r / "awq_scales.pt") for r in runs}
+    unknown = set(wanted or []) - set(sources)
+    if unknown:
+        raise SystemExit(f"--sources: unknown {sorted(unknown)}; valid: {sorted(sources)}")
+    return {k: v for k, v in sources.items() if wanted is None or k in wanted}
+
+
+def evaluate_all(model_dir: Path, data_dir: Path, sources: dict[str, dict], roundings: list[str],
+                 runs: list[Path]) -> dict[str, dict[str, float]]:
+    """bench_eval's metrics of every (source, rounding) model and of each run's own output."""
     import bench_eval
     from transformers import Qwen2VLForConditionalGeneration
 
-    roundings = a.roundings.split(",")
-    for name in roundings:
-        rounding(name)  # a bad name fails here, before the model loads
-    models = sorted(p for p in a.work.glob("model-*") if p.is_dir())
-    runs = sorted(a.work.glob(f"runs/*_bs1{'_' + a.tag if a.tag else ''}/{a.row}-*"))
-    runs = [r for r in runs if (r / "awq_scales.pt").is_file()]
-    data = sorted(p for p in a.work.glob("data-*") if p.is_dir())
-    if len(models) != 1 or len(data) != 1 or not runs:
-        raise SystemExit(f"need one model-*, one data-* and runs with awq_scales.pt under {a.work} "
-                         f"(tag {a.tag!r}, row {a.row!r}); found {models}, {data}, {runs}")
-    model = Qwen2VLForConditionalGeneration.from_pretrained(models[0], dtype=torch.bfloat16)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16)
     base = {k: v for k, v in model.state_dict().items() if k.startswith(bc.LANGUAGE_PREFIX)}
     del model
-    sources = {"none": {}} | {r.name.split("-", 1)[1]: torch.load(r / "awq_scales.pt") for r in runs}
     files: dict[str, Path] = {f"{r.name} (the tool's own output)": r / "dequant.safetensors" for r in runs}
+    spec = json.loads((data_dir / "spec.json").read_text())
     with tempfile.TemporaryDirectory(prefix="awq-rounding-") as tmp:
         for src, scales in sources.items():
             for rname in roundings:  # a fresh rounding per source: jitter draws the same numbers
                 path = Path(tmp) / f"{src}_{len(files)}.safetensors"
                 bc.save_language_weights(folded_and_rounded(base, scales, rounding(rname)), path)
                 files[f"scales {src}, rounding {rname}"] = path
-        spec = json.loads((data[0] / "spec.json").read_text())
-        res = bench_eval.evaluate(models[0], data[0] / "heldout", spec["n_heldout"], spec["seq_len"], files, rtn=False)
+        return bench_eval.evaluate(model_dir, data_dir / "heldout", spec["n_heldout"], spec["seq_len"], files,
+                                   rtn=False)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="the --work folder of vs_llmcompressor.py")
+    ap.add_argument("--tag", default="", help="the runs' --tag")
+    ap.add_argument("--row", default="awq128", help="run name prefix (awq128: AWQ on 128 samples, awq16)")
+    ap.add_argument("--roundings", default="llmc,ct")
+    ap.add_argument("--sources", default=None, help="scale sources (none, llmc..., peer); default: all")
+    a = ap.parse_args()
+    roundings = a.roundings.split(",")
+    for name in roundings:
+        rounding(name)  # a bad name fails here, before anything loads
+    model_dir, data_dir, runs = find_runs(a.work, a.tag, a.row)
+    sources = load_sources(runs, a.sources.split(",") if a.sources else None)
+    runs = [r for r in runs if r.name.split("-", 1)[1] in sources]
+    res = evaluate_all(model_dir, data_dir, sources, roundings, runs)
     print(f"| scales \\ rounding | {' | '.join(roundings)} |\n|---|{'---|' * len(roundings)}")
     for src in sources:
         cells = [res[f"scales {src}, rounding {r}"] for r in roundings]
