@@ -332,7 +332,8 @@ def test_sub_blocks_change_speed_only(monkeypatch, spec: QuantSpec) -> None:
 @pytest.mark.parametrize("band", [512, 16, 7])
 def test_bfloat16_hessian_is_close_to_float32(band, monkeypatch) -> None:
     """``hessian_dtype: bfloat16``: each batch's product rounded to bf16, accumulated in float32, in bands
-    of ``BAND`` rows (48 columns: one band, three, seven uneven ones)."""
+    of ``BAND`` rows of the upper triangle (48 columns: one band, three, seven uneven ones), mirrored
+    into an exactly symmetric ``H`` whenever it is read."""
     from llmc.algorithms import gptq
     from llmc.algorithms.gptq import HessianStats
 
@@ -340,8 +341,11 @@ def test_bfloat16_hessian_is_close_to_float32(band, monkeypatch) -> None:
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(1, 64, 48, generator=g).to(torch.bfloat16) for _ in range(8)]
     full, fast = HessianStats(48), HessianStats(48, compute_dtype=torch.bfloat16)
-    for x in xs:
+    for i, x in enumerate(xs):
         full.add_batch(x)
         fast.add_batch(x)
+        if i == 3:  # reading H midway (upper triangle mirrored) and adding more batches after it
+            assert torch.equal(fast.H, fast.H.t())
     rel = float((fast.H - full.H).norm() / full.H.norm())
     assert 0 < rel < 5e-3, rel  # rounded, but only at bf16 level
+    assert torch.equal(fast.H, fast.H.t())

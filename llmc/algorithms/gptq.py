@@ -56,18 +56,37 @@ from llmc.quant.primitives import QuantSpec, compute_qparams, dequantize, qrange
 from llmc.strict import ConfigError
 
 # ----------------------------------------------------------------- statistics
-BAND = 512  # rows of X^T X computed at once in a low-precision compute_dtype
+BAND = 256  # rows of X^T X computed at once in a low-precision compute_dtype
 
 
 class HessianStats:
-    """Running ``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows; each batch's product
-    in ``compute_dtype`` (float32, or bfloat16 for speed)."""
+    """``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows, ``N = sum_i w_i``; each batch's
+    product in ``compute_dtype`` (float32, or bfloat16 for speed).
+
+    The unnormalised sum is accumulated (no pass over ``H`` per batch) and scaled when :attr:`H` is read.
+    In bfloat16 only its upper triangle is accumulated, in bands of ``BAND`` rows (about half the
+    products; each band's float32 copy is small), and mirrored when read."""
 
     def __init__(self, columns: int, device: torch.device | str = "cpu",
                  compute_dtype: torch.dtype = torch.float32) -> None:
-        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self._upper_only = False  # the lower triangle of _sum is stale: mirror it before use
         self.n = 0.0  # total weight seen so far
         self.compute_dtype = compute_dtype
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The symmetric float32 Hessian so far (a new tensor)."""
+        total = self._symmetric_sum()
+        return total * (2.0 / self.n) if self.n > 0 else total.clone()
+
+    def _symmetric_sum(self) -> torch.Tensor:
+        """The accumulated sum, its lower triangle mirrored from the upper one where that is stale."""
+        if self._upper_only:
+            upper = torch.triu(self._sum)
+            self._sum.copy_(upper + torch.triu(upper, 1).t())
+            self._upper_only = False
+        return self._sum
 
     def add_batch(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Add the rows of ``x`` ``[..., C]``; ``weight`` has ``x``'s leading shape (None: all 1).
@@ -77,43 +96,39 @@ class HessianStats:
         that one symmetric product ``X^T X`` holds the weights. Accumulated in place in float32.
         """
         rows, w = flatten_rows(x.detach(), weight)
-        rows = rows.to(self.H.device, self.compute_dtype)
+        rows = rows.to(self._sum.device, self.compute_dtype)
         if w is not None and bool((w == 1).all()):
             w = None
         added = float(rows.shape[0]) if w is None else float(w.sum())
         if added <= 0:
             return
         if w is not None:
-            rows = rows * w.to(self.H.device, self.compute_dtype).sqrt()[:, None]
-        total = self.n + added
-        self.H.mul_(self.n / total)
-        if self.compute_dtype == torch.float32:
-            self.H.addmm_(rows.t(), rows, alpha=2.0 / total)
-        else:  # bands of output rows: a small float32 copy at a time (and faster: they stay in cache)
+            rows = rows * w.to(self._sum.device, self.compute_dtype).sqrt()[:, None]
+        if self.compute_dtype == torch.float32:  # each batch's product, then one add: as a rank's sum adds up
+            self._sum.add_(rows.t() @ rows)
+        else:  # upper-triangle bands: a small float32 copy at a time, about half the products
             cols = rows.t()
             for r in range(0, cols.shape[0], BAND):
-                self.H[r:r + BAND].add_((cols[r:r + BAND] @ rows).float(), alpha=2.0 / total)
-        self.n = total
+                self._sum[r:r + BAND, r:].add_((cols[r:r + BAND] @ rows[:, r:]).float())
+            self._upper_only = True
+        self.n += added
 
     def combine(self, owners: set[int]) -> None:
         """Sum every rank's statistics into the ranks ``owners`` (torch.distributed; no-op otherwise).
 
-        Each rank's ``H_r`` is normalised by its own weight ``n_r``, so it is rescaled by
-        ``n_r / N`` (``N = sum_r n_r``, an all-reduce) before the sum: ``H = sum_r n_r H_r / N`` is
+        The unnormalised sums and the weights ``n_r`` are summed over ranks, so that ``H`` is
         ``2/N sum_i w_i x_i x_i^T`` over every rank's rows. Summed with ``reduce`` into a single
         owner, ``all_reduce`` when several linears of different owners share the input; ``H`` is
         meaningless on the other ranks afterwards.
         """
         if not dist.active():
             return
-        total = dist.sum_float(self.n)
-        if total > 0:
-            self.H.mul_(self.n / total)
+        total = self._symmetric_sum()
         if len(owners) == 1:
-            dist.reduce_sum(self.H, next(iter(owners)))
+            dist.reduce_sum(total, next(iter(owners)))
         else:
-            dist.all_reduce_sum(self.H)
-        self.n = total
+            dist.all_reduce_sum(total)
+        self.n = dist.sum_float(self.n)
 
 
 # ------------------------------------------------------------------- numerics
