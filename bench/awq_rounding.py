@@ -33,6 +33,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
@@ -44,17 +45,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench_common as bc
 import torch
 
+if TYPE_CHECKING:
+    from llmc.quant.primitives import QuantSpec
+
 Rounding = Callable[[torch.Tensor], torch.Tensor]
 BITS, GROUP = 4, 128
 LOW, HIGH = -(2 ** (BITS - 1)), 2 ** (BITS - 1) - 1  # compressed-tensors' signed code range
 
 
-def llmc_rtn(w: torch.Tensor) -> torch.Tensor:
-    from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize
+def llmc_spec() -> QuantSpec:
+    from llmc.quant.primitives import QuantSpec
 
-    spec = QuantSpec(bits=BITS, symmetric=False, granularity="per_group", group_size=GROUP)
-    wf = w.float()
-    return fake_quantize(wf, *compute_qparams(wf, spec), spec).to(torch.bfloat16)
+    return QuantSpec(bits=BITS, symmetric=False, granularity="per_group", group_size=GROUP)
+
+
+def llmc_rtn(w: torch.Tensor) -> torch.Tensor:
+    from llmc.quant.primitives import rtn_fake_quantize
+
+    return rtn_fake_quantize(w.float(), llmc_spec()).to(torch.bfloat16)
 
 
 def ct_rtn(dtype: torch.dtype) -> Rounding:
@@ -97,9 +105,9 @@ def emulated_rtn(steps: str) -> Rounding:
 def jittered_rtn(seed: int) -> Rounding:
     """llmc's RTN with every group's scale multiplied by ``1 + u * 2^-8``, ``u`` uniform in [-1, 1] (the
     size of a bf16 rounding): an equally valid rounding; its spread is the metric's rounding noise."""
-    from llmc.quant.primitives import QuantSpec, compute_qparams, fake_quantize
+    from llmc.quant.primitives import compute_qparams, fake_quantize
 
-    spec = QuantSpec(bits=BITS, symmetric=False, granularity="per_group", group_size=GROUP)
+    spec = llmc_spec()
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(w: torch.Tensor) -> torch.Tensor:
