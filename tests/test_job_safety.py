@@ -140,6 +140,26 @@ def test_running_jobs_temp_folder_is_not_removed(tmp_path):
     assert remove_stale_temps(tmp_path / "out") == [] and alive.exists()
 
 
+def test_temp_folder_appears_only_with_its_marker(tmp_path, monkeypatch):
+    """A run killed while its temp folder is being made leaves no unmarked ``.tmp-`` folder (which no
+    later run could recognise), and a marked ``.init-`` folder of a dead process is removed."""
+    from llmc.export import atomic
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the process dies between mkdir and the marker
+    with monkeypatch.context() as m:
+        m.setattr(atomic, "write_marker", killed)
+        with pytest.raises(KeyboardInterrupt):
+            atomic.new_temp(tmp_path / "out")
+    assert not list(tmp_path.glob(".out.tmp-*")) and len(list(tmp_path.glob(".out.init-*"))) == 1
+    dead = tmp_path / ".out.init-deadbeef"
+    dead.mkdir()
+    atomic.write_marker(dead, "running")
+    data = json.loads((dead / MARKER).read_text())
+    (dead / MARKER).write_text(json.dumps({**data, "pid": 2**22 + 12345}))  # no such process
+    assert atomic.remove_stale_temps(tmp_path / "out") == [dead] and not dead.exists()
+
+
 def test_success_removes_the_failed_log_of_an_earlier_failure(job, tmp_path, capsys, monkeypatch):
     import llmc.runner as runner
 

@@ -77,18 +77,19 @@ def _process_gone(marker: dict[str, Any]) -> bool:
 
 
 def remove_stale_temps(target: str | Path) -> list[Path]:
-    """Remove leftovers of killed runs for ``target``: its hidden ``.<name>.tmp-*`` folders whose
-    marker names a dead process of this host, and ``.<name>.old-*`` llmc folders once ``target``
-    exists again. Nothing without an llmc marker is touched. Returns what was removed."""
+    """Remove leftovers of killed runs for ``target``: its hidden ``.<name>.tmp-*`` (and ``.init-*``,
+    see :func:`new_temp`) folders whose marker names a dead process of this host, and
+    ``.<name>.old-*`` llmc folders once ``target`` exists again. Nothing without an llmc marker is touched. Returns what was removed."""
     target = Path(target)
     removed = []
     if not target.parent.is_dir():
         return removed
-    for p in sorted(target.parent.glob(f".{target.name}.tmp-*")) + sorted(target.parent.glob(f".{target.name}.old-*")):
+    kinds = ("tmp", "init", "old")
+    for p in [p for kind in kinds for p in sorted(target.parent.glob(f".{target.name}.{kind}-*"))]:
         marker = read_marker(p) if p.is_dir() else None
         if marker is None:
             continue
-        stale = _process_gone(marker) if ".tmp-" in p.name else is_llmc_output(target)
+        stale = is_llmc_output(target) if ".old-" in p.name else _process_gone(marker)
         if stale:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
@@ -97,11 +98,18 @@ def remove_stale_temps(target: str | Path) -> list[Path]:
 
 
 def new_temp(target: Path) -> Path:
-    """A fresh hidden sibling of ``target``, marked as a running llmc output."""
+    """A fresh hidden sibling of ``target``, marked as a running llmc output.
+
+    The folder is made and marked under an ``.init-`` name, then renamed: a ``.tmp-`` folder never
+    exists without its marker, so a run killed at any moment leaves nothing that
+    :func:`remove_stale_temps` cannot recognise (at most an empty ``.init-`` folder)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    write_marker(tmp, "running")
+    token = uuid.uuid4().hex[:8]
+    staging = target.parent / f".{target.name}.init-{token}"
+    staging.mkdir()
+    write_marker(staging, "running")
+    tmp = target.parent / f".{target.name}.tmp-{token}"
+    staging.rename(tmp)
     return tmp
 
 
