@@ -7,6 +7,7 @@ import torch
 from llmc.algorithms.base import Algorithm, NoOptions
 from llmc.calib import load_samples
 from llmc.config import QuantConfig, WeightConfig
+from llmc.context import hidden_input
 from llmc.data.mme_synth import generate
 from llmc.models import load_adapter
 from llmc.pipeline import capture, catch_block_inputs, process_blocks
@@ -90,3 +91,42 @@ def test_vision_capture_without_images_is_a_clear_error(tiny_model, calib_dir):
     batch = adapter.batch_process(samples)
     with pytest.raises(RuntimeError, match="images for vision"):
         capture(adapter, "vision", [batch], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("conv,shape", [(torch.nn.Conv3d(3, 8, (2, 4, 4), (2, 4, 4)), (5, 3, 2, 4, 4)),
+                                        (torch.nn.Conv2d(3, 8, 4, 4, bias=False), (2, 3, 4, 4))])
+def test_patch_convs_run_as_a_matmul_with_the_conv_result(conv, shape):
+    """A patch convolution on one-kernel input runs as a matmul (the conv itself is never called) with
+    the conv's result; other inputs take the conv; the module's forward is restored afterwards."""
+    from llmc.pipeline import patch_convs_as_matmul
+
+    conv = conv.double()
+    model = torch.nn.Sequential(conv, torch.nn.Conv2d(8, 8, 3, 1))  # overlapping: never patched
+    x = torch.randn(*shape, dtype=torch.float64)
+    bigger = torch.randn(*shape[:-2], 8, 8, dtype=torch.float64)  # 2x2 patches: the conv's own forward
+    ref, ref_big = conv(x), conv(bigger)
+    with patch_convs_as_matmul(model):
+        assert "forward" in conv.__dict__ and "forward" not in model[1].__dict__
+        torch.testing.assert_close(conv(bigger), ref_big, rtol=0, atol=0)
+        conv._conv_forward = None  # the conv is not run for one-kernel input
+        out = conv(x)
+        del conv._conv_forward
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    assert "forward" not in conv.__dict__
+
+
+def test_capture_runs_qwen2_vl_patch_embedding_as_a_matmul(tiny_model, calib_dir, monkeypatch):
+    """Capturing the language inputs of Qwen2-VL (its Conv3d patch embedding sees one patch per row)
+    calls no convolution, and the captured inputs equal those of the model's own forward."""
+    adapter = load_adapter("qwen2_vl", str(tiny_model("qwen2_vl")), dtype="float32")
+    batch = adapter.batch_process(load_samples("custom_mm", calib_dir, 2), max_length=512)
+    seen = []
+    hook = adapter.blocks("language")[0].register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(hidden_input(args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        adapter.model(**batch, use_cache=False)
+    hook.remove()
+    monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", lambda *a: pytest.fail("Conv3d was run"))
+    (call,) = capture(adapter, "language", [batch], torch.device("cpu"))
+    torch.testing.assert_close(hidden_input(call.args, call.kwargs_for(0)), seen[0], rtol=1e-6, atol=1e-6)
