@@ -73,17 +73,25 @@ def test_bit_identical_to_one_process(two_processes, one_process, variant):
     assert all(torch.equal(x, y) for x, y in zip(got["logits"], ref["logits"]))
 
 
+# (codes equal, logits relative difference) allowed. GPTQ turns last-bit differences of the Hessian
+# sums into other codes downstream: a 1e-7 relative perturbation of every Hessian changes 0.3 % of
+# the codes and the logits by 2.7e-3 on this tiny model (docs/distributed.md); measured here 99.90 %
+# and 8e-4 (after the row buffering of HessianStats), against 77 % and 3.3e-2 with no Hessian reduce.
+BOUNDS = {"GPTQ": (0.99, 5e-3), "AWQ": (0.999, 1e-4)}
+
+
 @pytest.mark.parametrize("variant", ["GPTQ", "AWQ"])
 def test_same_codes_as_one_process(two_processes, one_process, variant):
     equal, rel = compare(torch.load(two_processes / f"{variant}.pt"), one_process[variant])
-    assert equal >= 0.999, f"{variant}: only {equal:.4%} of the codes equal the single-process run"
-    assert rel <= 1e-4, f"{variant}: logits differ by {rel:.2e} (relative)"
+    min_equal, max_rel = BOUNDS[variant]
+    assert equal >= min_equal, f"{variant}: only {equal:.4%} of the codes equal the single-process run"
+    assert rel <= max_rel, f"{variant}: logits differ by {rel:.2e} (relative)"
 
 
 def test_gptq_actorder_owner_broadcast(two_processes, one_process):
     """Act-order layers carry a g_idx, quantized on their owner rank and broadcast; the first block
     (inputs equal up to rounding) matches the single process: the same column order and groups, codes
-    equal but for last-bit rounding of the Hessian sums (>= 99.9 %). Later blocks may not: act order turns last-bit Hessian
+    equal but for last-bit rounding of the Hessian sums (>= 99.9 %), scales within 1e-4. Later blocks may not: act order turns last-bit Hessian
     differences into other column orders (docs/distributed.md)."""
     got, ref = torch.load(two_processes / "GPTQ-actorder.pt"), one_process["GPTQ-actorder"]
     first = [n for n in ref["layers"] if n.startswith("model.visual.blocks.0.")]
@@ -93,7 +101,7 @@ def test_gptq_actorder_owner_broadcast(two_processes, one_process):
             assert torch.equal(got["layers"][n][key], ref["layers"][n][key]), (n, key)
         same = float((got["layers"][n]["codes"] == ref["layers"][n]["codes"]).float().mean())
         assert same >= 0.999, (n, same)
-        torch.testing.assert_close(got["layers"][n]["scale"], ref["layers"][n]["scale"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(got["layers"][n]["scale"], ref["layers"][n]["scale"], rtol=1e-4, atol=0)
 
 
 def job(model: Path | str, calib: Path, save: str, **extra) -> dict:

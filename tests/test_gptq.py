@@ -329,6 +329,32 @@ def test_sub_blocks_change_speed_only(monkeypatch, spec: QuantSpec) -> None:
     assert torch.allclose(results[0], slow_gptq(W, H, spec), atol=1e-6)
 
 
+@pytest.mark.parametrize("flush", [10**6, 9, 4])
+def test_buffered_rows_give_the_sum_of_every_batch(flush, monkeypatch) -> None:
+    """Rows are buffered over batches (``FLUSH_ROWS``) and multiplied at once: buffer never flushed,
+    flushed mid-batch sequence, and batches larger than the buffer; weighted rows and padding among
+    them; ``H`` read midway (it flushes) and more batches after it. Same ``H`` as the plain sum."""
+    from llmc.algorithms import gptq
+    from llmc.algorithms.gptq import HessianStats
+
+    monkeypatch.setattr(gptq, "FLUSH_ROWS", flush)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, n, 6, generator=g) for n in (3, 5, 2, 7, 1, 4)]
+    ws = [torch.tensor([[1.0, 0.0, 2.0]]), None, None, torch.full((1, 7), 0.5), None, torch.ones(1, 4)]
+    stats = HessianStats(6)
+    total, n = torch.zeros(6, 6, dtype=torch.float64), 0.0
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        stats.add_batch(x, w)
+        rows = x[0].double()
+        wr = torch.ones(rows.shape[0], dtype=torch.float64) if w is None else w[0].double()
+        total += (rows * wr[:, None]).t() @ rows
+        n += float(wr.sum())
+        if i == 2:
+            assert torch.allclose(stats.H.double(), 2 / n * total, atol=1e-5)
+    assert torch.allclose(stats.H.double(), 2 / n * total, atol=1e-5)
+    assert stats.n == n
+
+
 @pytest.mark.parametrize("band", [512, 16, 7])
 def test_bfloat16_hessian_is_close_to_float32(band, monkeypatch) -> None:
     """``hessian_dtype: bfloat16``: each batch's product rounded to bf16, accumulated in float32, in bands

@@ -57,6 +57,7 @@ from llmc.strict import ConfigError
 
 # ----------------------------------------------------------------- statistics
 BAND = 256  # rows of X^T X computed at once in a low-precision compute_dtype
+FLUSH_ROWS = 2048  # input rows buffered (over batches) for one X^T X product: larger GEMMs run faster
 
 
 class HessianStats:
@@ -64,6 +65,8 @@ class HessianStats:
     product in ``compute_dtype`` (float32, or bfloat16 for speed).
 
     The unnormalised sum is accumulated (no pass over ``H`` per batch) and scaled when :attr:`H` is read.
+    Rows are buffered over batches up to ``FLUSH_ROWS`` and multiplied at once (a 537-token batch's
+    2816-column product costs about 28 % more per row on its own than in a 2048-row GEMM).
     In bfloat16 only its upper triangle is accumulated, in bands of ``BAND`` rows (about half the
     products; each band's float32 copy is small), and mirrored when read."""
 
@@ -71,6 +74,8 @@ class HessianStats:
                  compute_dtype: torch.dtype = torch.float32) -> None:
         self._sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self._upper_only = False  # the lower triangle of _sum is stale: mirror it before use
+        self._buffer: torch.Tensor | None = None  # rows not yet in _sum (compute_dtype, sqrt(w) folded in)
+        self._filled = 0  # rows of _buffer in use
         self.n = 0.0  # total weight seen so far
         self.compute_dtype = compute_dtype
 
@@ -82,6 +87,8 @@ class HessianStats:
 
     def _symmetric_sum(self) -> torch.Tensor:
         """The accumulated sum, its lower triangle mirrored from the upper one where that is stale."""
+        self._flush()
+        self._buffer = None
         if self._upper_only:
             upper = torch.triu(self._sum)
             self._sum.copy_(upper + torch.triu(upper, 1).t())
@@ -104,14 +111,31 @@ class HessianStats:
             return
         if w is not None:
             rows = rows * w.to(self._sum.device, self.compute_dtype).sqrt()[:, None]
-        if self.compute_dtype == torch.float32:  # each batch's product, then one add: as a rank's sum adds up
+        self.n += added
+        if rows.shape[0] >= FLUSH_ROWS:  # large enough on its own (the buffer's rows keep till later)
+            self._add_product(rows)
+            return
+        if self._filled + rows.shape[0] > FLUSH_ROWS:
+            self._flush()
+        if self._buffer is None:
+            self._buffer = torch.empty(FLUSH_ROWS, rows.shape[1], dtype=self.compute_dtype, device=self._sum.device)
+        self._buffer[self._filled:self._filled + rows.shape[0]].copy_(rows)
+        self._filled += rows.shape[0]
+
+    def _flush(self) -> None:
+        """Add the buffered rows' product to the sum."""
+        if self._filled:
+            self._add_product(self._buffer[:self._filled])
+            self._filled = 0
+
+    def _add_product(self, rows: torch.Tensor) -> None:
+        if self.compute_dtype == torch.float32:
             self._sum.add_(rows.t() @ rows)
         else:  # upper-triangle bands: a small float32 copy at a time, about half the products
             cols = rows.t()
             for r in range(0, cols.shape[0], BAND):
                 self._sum[r:r + BAND, r:].add_((cols[r:r + BAND] @ rows[:, r:]).float())
             self._upper_only = True
-        self.n += added
 
     def combine(self, owners: set[int]) -> None:
         """Sum every rank's statistics into the ranks ``owners`` (torch.distributed; no-op otherwise).
