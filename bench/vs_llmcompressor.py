@@ -11,7 +11,9 @@ algorithm row, runs each tool of ``--tools`` in that order, each in its own subp
 one torch thread, and measures the child: CPU time (user+sys from ``os.wait4``), wall, peak
 RSS (``ru_maxrss``), the load average before and after. Then evaluates every run's saved
 weights with the same code (``bench_eval``) and prints the tables. Rows: ``gptq`` (``--n-calib``
-samples), ``awq`` (``--awq-samples``), ``awq-full`` (AWQ on ``--n-calib`` samples).
+samples), ``awq`` (``--awq-samples``), ``awq-full`` (AWQ on ``--n-calib`` samples), ``awq-clip``
+(llmc's AWQ as shipped, with its clipping search, beside the peer's AWQ of ``awq-full``: the peer has
+no clipping search, so its run is the same job, run once when both rows are asked for).
 No assertion on the numbers: a benchmark, not a test.
 """
 from __future__ import annotations
@@ -37,6 +39,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import bench_common as bc
 
 PEER_PYTHON = "/work/envs/llmcompressor/bin/python"
+ROWS = ("gptq", "awq", "awq-full", "awq-clip")
+# llmc's quant.special of a row variant, over --llmc-special (the peer's job is the plain row's)
+VARIANTS = {"": {}, "clip": {"weight_clip": True}}
 SCRIPTS = {"llmc": HERE / "llmc_side.py", "peer": HERE / "peer_llmcompressor.py"}
 TOOL_NAMES = {"llmc": "llmc", "peer": "llm-compressor"}
 QUICK = {"hidden": 256, "layers": 2, "intermediate": 512, "heads": 4, "kv_heads": 2,
@@ -47,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/vs_llmcompressor"),
                    help="cache of model, data and runs (reused when the settings match)")
-    p.add_argument("--algos", default="gptq,awq", help="rows, comma-separated: gptq, awq, awq-full")
+    p.add_argument("--algos", default="gptq,awq", help="rows, comma-separated: " + ", ".join(ROWS))
     p.add_argument("--tools", default="llmc,peer", help="tools in the order they run: llmc, peer")
     p.add_argument("--n-calib", type=int, default=128, help="calibration samples of gptq and awq-full")
     p.add_argument("--awq-samples", type=int, default=16, help="calibration samples of the awq row")
@@ -80,7 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     args.algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     args.tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    bad = [a for a in args.algos if a not in ("gptq", "awq", "awq-full")] + \
+    bad = [a for a in args.algos if a not in ROWS] + \
           [t for t in args.tools if t not in SCRIPTS]
     if bad:
         p.error(f"unknown algos/tools {bad}")
@@ -94,11 +99,11 @@ def specs(args: argparse.Namespace) -> tuple[bc.ModelSpec, bc.DataSpec]:
     return m, bc.DataSpec(image_px=args.image_px, seq_len=args.seq_len, n_calib=n_pool, n_heldout=args.n_heldout)
 
 
-def rows(args: argparse.Namespace) -> list[tuple[str, str, int]]:
-    """(row label, algorithm, calibration samples)."""
-    table = {"gptq": ("GPTQ", "gptq", args.n_calib), "awq": ("AWQ", "awq", args.awq_samples),
-             "awq-full": ("AWQ", "awq", args.n_calib)}
-    return [(f"{table[a][0]} ({table[a][2]})", table[a][1], table[a][2]) for a in args.algos]
+def rows(args: argparse.Namespace) -> list[tuple[str, str, int, str]]:
+    """(row label, algorithm, calibration samples, row variant: "" or "clip")."""
+    table = {"gptq": ("GPTQ", "gptq", args.n_calib, ""), "awq": ("AWQ", "awq", args.awq_samples, ""),
+             "awq-full": ("AWQ", "awq", args.n_calib, ""), "awq-clip": ("AWQ, llmc with clip", "awq", args.n_calib, "clip")}
+    return [(f"{table[a][0]} ({table[a][2]})", *table[a][1:]) for a in args.algos]
 
 
 # ------------------------------------------------------------------------------- machine
@@ -153,14 +158,14 @@ def measure(cmd: list[str], log: Path) -> dict[str, Any]:
 
 
 def run_tool(args: argparse.Namespace, tool: str, algo: str, n: int, paths: dict[str, Path],
-             run_dir: Path) -> dict[str, Any]:
+             run_dir: Path, variant: str = "") -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     done = run_dir / "run.json"
     if args.skip_existing and done.is_file() and (run_dir / "dequant.safetensors").is_file():
         return json.loads(done.read_text()) | {"reused": True}
     job = {"algo": algo, "model": str(paths["model"]), "calib": str(paths["calib"]), "n_calib": n,
            "seq_len": args.seq_len, "bs": args.bs, "out": str(run_dir), "attn": args.attn,
-           "special": json.loads(args.llmc_special).get(algo.split("-")[0], {})}
+           "special": json.loads(args.llmc_special).get(algo, {}) | (VARIANTS[variant] if tool == "llmc" else {})}
     bc.write_json(run_dir / "job.json", job)
     python = args.llmc_python if tool == "llmc" else args.peer_python
     print(f"[{time.strftime('%H:%M:%S')}] {TOOL_NAMES[tool]} {algo} ({n} samples) ...", flush=True)
@@ -232,20 +237,31 @@ def header(args: argparse.Namespace, mspec: bc.ModelSpec, dspec: bc.DataSpec,
     return "\n".join([
         f"date: {datetime.datetime.now().isoformat(timespec='seconds')}", cpu, stack, model, data,
         ("W4A16 group 128, language model only; GPTQ symmetric, static actorder, damp 0.01; "
-         "AWQ asymmetric, duo scaling, 20-point grid, no clip")])
+         "AWQ asymmetric, duo scaling, 20-point grid, no clip"
+         + ("; the 'with clip' row: llmc's AWQ as shipped (weight_clip: true) beside the peer's same AWQ run"
+            if any(v for *_, v in rows(args)) else ""))])
 
 
-def run_dir(runs: Path, algo: str, n: int, tool: str, args: argparse.Namespace) -> Path:
-    """The peer's runs do not depend on ``--attn`` (it calibrates in eager attention regardless)."""
+def run_dir(runs: Path, algo: str, n: int, tool: str, args: argparse.Namespace, variant: str = "") -> Path:
+    """The peer's runs do not depend on ``--attn`` (it calibrates in eager attention regardless) nor on
+    the row variant (llmc-only options)."""
     suffix = f"-{args.attn}" if tool == "llmc" and args.attn != "sdpa" else ""
+    suffix += f"-{variant}" if tool == "llmc" and variant else ""
     return runs / f"{algo}{n}-{tool}{suffix}"
 
 
 def run_all(args: argparse.Namespace, paths: dict[str, Path], runs: Path) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {}
-    for row, algo, n in rows(args):
+    done: dict[Path, tuple[str, dict[str, Any]]] = {}  # one job, one run (the peer's AWQ serves awq-full and -clip)
+    for row, algo, n, variant in rows(args):
         for tool in args.tools:
-            results.setdefault(row, {})[tool] = run_tool(args, tool, algo, n, paths, run_dir(runs, algo, n, tool, args))
+            where = run_dir(runs, algo, n, tool, args, variant)
+            if where in done:
+                first, res = done[where]
+                results.setdefault(row, {})[tool] = res | {"same_run_as": first}
+                continue
+            done[where] = (row, run_tool(args, tool, algo, n, paths, where, variant))
+            results.setdefault(row, {})[tool] = done[where][1]
     return results
 
 
@@ -255,14 +271,14 @@ def evaluate_all(args: argparse.Namespace, paths: dict[str, Path], dspec: bc.Dat
     import bench_eval
 
     print(f"[{time.strftime('%H:%M:%S')}] evaluating on {dspec.n_heldout} held-out samples ...", flush=True)
-    files = {f"{row}|{tool}": run_dir(runs, algo, n, tool, args) / "dequant.safetensors"
-             for row, algo, n in rows(args) for tool in args.tools}
-    metrics = bench_eval.evaluate(paths["model"], paths["heldout"], dspec.n_heldout, dspec.seq_len, files,
+    files = {f"{row}|{tool}": run_dir(runs, algo, n, tool, args, variant) / "dequant.safetensors"
+             for row, algo, n, variant in rows(args) for tool in args.tools}
+    unique = {str(f): f for f in files.values()}  # a run shared by two rows is evaluated once
+    metrics = bench_eval.evaluate(paths["model"], paths["heldout"], dspec.n_heldout, dspec.seq_len, unique,
                                   rtn=not args.no_rtn)
-    for key, m in metrics.items():
-        if "|" in key:
-            row, tool = key.split("|")
-            results[row][tool] |= m
+    for key, f in files.items():
+        row, tool = key.split("|")
+        results[row][tool] = results[row][tool] | metrics[str(f)]
     return {k: v for k, v in metrics.items() if k.startswith("rtn")}
 
 
@@ -282,7 +298,8 @@ def report(args: argparse.Namespace, mspec: bc.ModelSpec, dspec: bc.DataSpec,
         for t, r in by.items():
             print(f"{row} {TOOL_NAMES[t]}: attn {r['attn_implementation']}, image processor {r['image_processor']}, "
                   f"threads {r['threads']}{', pin_memory patched' if r.get('pin_memory_patched') else ''}"
-                  f"{' (reused run)' if r.get('reused') else ''}")
+                  f"{' (reused run)' if r.get('reused') else ''}"
+                  f"{' (same run as ' + r['same_run_as'] + ')' if r.get('same_run_as') else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
