@@ -62,7 +62,7 @@ def _ctx(adapter, calls, plan):
 
 
 def test_token_weights_in_the_gptq_hessian(tiny_model, calib_dir):
-    from llmc.algorithms.gptq import HessianStats
+    from llmc.algorithms.hessian import HessianStats
     from llmc.config import QuantConfig, WeightConfig
     from llmc.plan import build_plan
 

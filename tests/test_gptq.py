@@ -10,7 +10,8 @@ import yaml
 from torch import nn
 
 from llmc.algorithms import build_algorithms
-from llmc.algorithms.gptq import GPTQ, GPTQOptions, HessianStats, gptq_quantize_weight
+from llmc.algorithms.gptq import GPTQ, GPTQOptions, gptq_quantize_weight
+from llmc.algorithms.hessian import HessianStats
 from llmc.context import BlockContext, CachedCall
 from llmc.models.layout import BlockLayout, LayerGroup
 from llmc.plan import Part, load_plan, plan_of_block, single_layer
@@ -334,10 +335,10 @@ def test_buffered_rows_give_the_sum_of_every_batch(flush, monkeypatch) -> None:
     """Rows are buffered over batches (``FLUSH_ROWS``) and multiplied at once: buffer never flushed,
     flushed mid-batch sequence, and batches larger than the buffer; weighted rows and padding among
     them; ``H`` read midway (it flushes) and more batches after it. Same ``H`` as the plain sum."""
-    from llmc.algorithms import gptq
-    from llmc.algorithms.gptq import HessianStats
+    from llmc.algorithms import hessian
+    from llmc.algorithms.hessian import HessianStats
 
-    monkeypatch.setattr(gptq, "FLUSH_ROWS", flush)
+    monkeypatch.setattr(hessian, "FLUSH_ROWS", flush)
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(1, n, 6, generator=g) for n in (3, 5, 2, 7, 1, 4)]
     ws = [torch.tensor([[1.0, 0.0, 2.0]]), None, None, torch.full((1, 7), 0.5), None, torch.ones(1, 4)]
@@ -360,10 +361,10 @@ def test_bfloat16_hessian_is_close_to_float32(band, monkeypatch) -> None:
     """``hessian_dtype: bfloat16``: each batch's product rounded to bf16, accumulated in float32, in bands
     of ``BAND`` rows of the upper triangle (48 columns: one band, three, seven uneven ones), mirrored
     into an exactly symmetric ``H`` whenever it is read."""
-    from llmc.algorithms import gptq
-    from llmc.algorithms.gptq import HessianStats
+    from llmc.algorithms import hessian
+    from llmc.algorithms.hessian import HessianStats
 
-    monkeypatch.setattr(gptq, "BAND", band)
+    monkeypatch.setattr(hessian, "BAND", band)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(1, 64, 48, generator=g).to(torch.bfloat16) for _ in range(8)]
     full, fast = HessianStats(48), HessianStats(48, compute_dtype=torch.bfloat16)
