@@ -15,8 +15,8 @@ FLUSH_ROWS = 2048  # input rows buffered (over batches) for one X^T X product: l
 
 
 class HessianStats:
-    """``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows, ``N = sum_i w_i``; each batch's
-    product in ``compute_dtype`` (float32, or bfloat16 for speed).
+    """``H = 2/N * sum_i w_i x_i x_i^T`` (float32) of a linear's input rows, ``N = sum_i w_i``; the
+    products ``X^T X`` in ``compute_dtype`` (float32, or bfloat16 for speed).
 
     The unnormalised sum is accumulated (no pass over ``H`` per batch) and scaled when :attr:`H` is read.
     Rows are buffered over batches up to ``FLUSH_ROWS`` and multiplied at once (a 537-token batch's
