@@ -90,19 +90,21 @@ def main(job_path: str) -> None:
     Qwen2VLAdapter.load_processor = lambda self: bc.load_processor(self.path)
     adapter = load_adapter("qwen2_vl", job["model"], cfg.model.dtype, cfg.model.attn_implementation)
     phases.mark("load")
-    batches = calibration_batches(cfg, adapter)
+    batches = calibration_batches(cfg, adapter)  # for the fingerprint: the job builds its own, as run_job does,
+    fingerprint, n_batches = bc.fingerprint(batches), len(batches)  # and frees them before its block loop
+    del batches
     phases.mark("data")
     algos = build_algorithms(cfg.quant)
     with torch.no_grad():
-        quantize_model(cfg, adapter, torch.device("cpu"), batches=batches, algos=algos)
+        quantize_model(cfg, adapter, torch.device("cpu"), algos=algos)
     phases.mark("quantize")
     n = bc.save_language_weights(export_state_dict(adapter.model, fake=True), out / "dequant.safetensors")
     if job["algo"] == "awq":
         torch.save(awq_scales(adapter, algos[-1].record.scales), out / "awq_scales.pt")
     phases.mark("save")
     bc.write_json(out / "result.json", {
-        "tool": "llmc", "algo": job["algo"], "phases": phases.times, "fingerprint": bc.fingerprint(batches),
-        "n_batches": len(batches), "saved_tensors": n, "versions": bc.versions(),
+        "tool": "llmc", "algo": job["algo"], "phases": phases.times, "fingerprint": fingerprint,
+        "n_batches": n_batches, "saved_tensors": n, "versions": bc.versions(),
         "attn_implementation": adapter.model.config._attn_implementation,
         "image_processor": type(adapter.processor.image_processor).__name__,
         "threads": torch.get_num_threads(), "config": raw})

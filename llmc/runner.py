@@ -94,7 +94,8 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
     With ``state_dir``, each algorithm writes its record there (AWQ's scales, GPTQ's integers).
     ``batches`` (model inputs) replace ``calib`` when given; under torch.distributed each rank
     calibrates on its share (:func:`llmc.distributed.shard`). ``after_block`` runs once each block is
-    final (:func:`llmc.pipeline.process_blocks`).
+    final (:func:`llmc.pipeline.process_blocks`). The inputs are released after the last part's capture,
+    before its block loop (those built here are then freed: a caller's ``batches`` stay the caller's).
     """
     algos = algos if algos is not None else build_algorithms(cfg.quant)
     plan = plan if plan is not None else build_plan(cfg.quant, adapter)
@@ -112,9 +113,11 @@ def quantize_model(cfg: LLMCConfig, adapter: ModelAdapter, device: torch.device,
         root = state_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="llmc-act-")))
         folder = root / ".activations"
         stack.callback(shutil.rmtree, folder, ignore_errors=True)
-        for part in plan.parts:
+        for i, part in enumerate(plan.parts):
             t0 = time.time()
             calls = capture(adapter, part.value, batches, device, cfg.quant.token_weight) if batches else []
+            if i == len(plan.parts) - 1:
+                batches = None  # the model inputs (images) are not needed after the last capture
             store = ActivationStore.choose(cfg.run.offload_activations,
                                            [hidden_input(c.args, c.kwargs) for c in calls], device, folder)
             process_blocks(adapter, part.value, offload_calls(calls, store), quantizer, plan, device, after_block,

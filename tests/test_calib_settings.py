@@ -132,3 +132,38 @@ def test_token_weight_changes_the_gptq_result(tiny_model, calib_dir, tmp_path):
         runner.quantize_model(cfg, adapter, torch.device("cpu"))
         results.append(adapter.model.get_submodule("model.language_model.layers.0.mlp.down_proj").quantized_weight())
     assert not torch.equal(*results)
+
+
+def test_calibration_inputs_are_freed_after_the_last_capture(tiny_model, calib_dir, tmp_path, monkeypatch):
+    """The job's model inputs (images included) are needed by each part's capture only: after the last
+    part's capture they are released, before that part's block loop (their memory: 616 MiB of
+    pixel values for 128 images of 448 px), and kept until then (the vision part's loop sees them)."""
+    import gc
+    import weakref
+
+    cfg = parse_config({"model": {"type": "qwen2_vl", "path": str(tiny_model("qwen2_vl")), "dtype": "float32"},
+                        "calib": {"name": "custom_mm", "path": str(calib_dir), "n_samples": 4, "bs": 2},
+                        "quant": {"method": "GPTQ", "quant_objects": ["vision", "language"],
+                                  "weight": {"bit": 4, "group_size": 32}},
+                        "save": {"save_path": str(tmp_path / "out")}})
+    adapter = load_adapter("qwen2_vl", cfg.model.path, dtype="float32")
+    pixels: list[weakref.ref] = []
+    made = runner.calibration_batches
+
+    def tracked(cfg, adapter):
+        batches = made(cfg, adapter)
+        pixels.extend(weakref.ref(b["pixel_values"]) for b in batches)
+        return batches
+
+    alive_in_loop = []
+    loop = runner.process_blocks
+
+    def spy(adapter, part, *args, **kwargs):
+        gc.collect()
+        alive_in_loop.append((part, sum(r() is not None for r in pixels)))
+        return loop(adapter, part, *args, **kwargs)
+    monkeypatch.setattr(runner, "calibration_batches", tracked)
+    monkeypatch.setattr(runner, "process_blocks", spy)
+    runner.quantize_model(cfg, adapter, torch.device("cpu"))
+    assert len(pixels) == 2
+    assert alive_in_loop == [("vision", 2), ("language", 0)]
